@@ -1,0 +1,32 @@
+"""Random PEFT-format adapters with non-zero B (PEFT initializes B to zero, which would prove nothing)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_export.adapters.adapter import Adapter, ModuleLora
+from lora_export.adapters.inject import find_targets, unwrap
+from lora_export.adapters.layer import layer_dims
+from lora_export.adapters.spec import LoraSpec
+
+
+def random_adapter(
+    model: nn.Module, spec: LoraSpec, *, seed: int = 0, b_std: float = 0.05, name: str = "random"
+) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    layers = unwrap(model)
+    for path in sorted(find_targets(model, spec)):
+        layer = layers[path]
+        d_in, d_out = layer_dims(layer)
+        r = spec.rank_for(path)
+        if isinstance(layer, nn.Conv2d):
+            kh, kw = layer.kernel_size
+            a = torch.randn(r, d_in, kh, kw, generator=g) / (d_in * kh * kw) ** 0.5
+            b = torch.randn(d_out, r, 1, 1, generator=g) * b_std
+        else:
+            a = torch.randn(r, d_in, generator=g) / d_in**0.5  # PEFT layout [r, in]
+            b = torch.randn(d_out, r, generator=g) * b_std  # [out, r], non-zero
+        modules[path] = ModuleLora(A=a, B=b, scaling=spec.scaling_for(path, r))
+    return Adapter(spec=spec, modules=modules, name=name, source=f"random(seed={seed})")

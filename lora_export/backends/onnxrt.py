@@ -1,0 +1,72 @@
+"""ONNX Runtime runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lora_export.backends import Feeds
+from lora_export.errors import UserError
+
+
+def session_options(threads: int | None = None, optimization: str = "all"):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # our LoRA inputs-with-defaults are intentional; keep ORT's warning quiet
+    if threads:
+        opts.intra_op_num_threads = threads
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    opts.graph_optimization_level = levels[optimization]
+    return opts
+
+
+def open_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: export a graph first")
+    available = ort.get_available_providers()
+    providers = providers or ["CPUExecutionProvider"]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise UserError(
+            f"ONNX Runtime provider(s) {', '.join(missing)} not available here (have: {', '.join(available)})"
+        )
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+    except Exception as e:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
+        raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+def feedable_names(session) -> list[str]:
+    """Graph inputs plus inputs backed by a default initializer (the LoRA slots), which ORT lists apart."""
+    return [i.name for i in session.get_inputs()] + [i.name for i in session.get_overridable_initializers()]
+
+
+class OrtRunner:
+    name = "ort"
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        self.path, self.providers, self.threads = Path(path), providers, threads
+        self.session = None
+
+    def __enter__(self) -> OrtRunner:
+        self.session = open_session(self.path, self.providers, self.threads)
+        self.input_names = feedable_names(self.session)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session = None
+
+    def infer(self, feeds: Feeds, run_options=None) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds, run_options)))

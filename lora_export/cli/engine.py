@@ -1,0 +1,1 @@
+"""Commands of this stage register here (see the issue that builds them)."""

@@ -1,0 +1,169 @@
+"""merge-and-export, export-branched, demo."""
+
+from __future__ import annotations
+
+import click
+
+from lora_export import api
+from lora_export.cli import cli, display
+from lora_export.cli.options import (
+    export_options,
+    model_argument,
+    nonfinite_option,
+    progress_steps,
+    shape_options,
+)
+
+
+@cli.command("merge-and-export")
+@model_argument
+@click.option(
+    "--adapter",
+    "adapter",
+    required=False,
+    help="PEFT adapter directory (or adapter file). Without it, the plain base model is exported.",
+)
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@export_options
+@shape_options
+@nonfinite_option
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against the PyTorch reference.")
+@progress_steps
+def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len, allow_nonfinite, no_verify, steps):
+    """Fold the adapter into the weights (W0 + s·B·A, fp32) and export ONNX; then verify it."""
+    from lora_export.export.merged import export_merged
+    from lora_export.verify.check import verify_graph
+
+    with steps(f"loading {model}"):
+        loaded = api.as_model(model)
+        ad = api.as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter else None
+    with steps("merging and exporting"):
+        result = export_merged(
+            loaded,
+            ad,
+            output,
+            opset=opset,
+            dtype=dtype,
+            force=force,
+            allow_nonfinite=allow_nonfinite,
+            batch=batch,
+            seq=seq_len,
+        )
+    display.out.print(f"wrote {result.path} (+ {result.path.name}.json)")
+    if not no_verify:
+        with steps("verifying against PyTorch"):
+            report = verify_graph(loaded, result.path, [ad] if ad else [], check_effect=ad is not None)
+        _finish(report)
+
+
+@cli.command("export-branched")
+@model_argument
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="PEFT adapter(s): their modules get LoRA slots (and the first is used to verify). Repeatable.",
+)
+@click.option(
+    "--targets",
+    default=None,
+    help="Comma-separated module names (or one regex) to give LoRA slots, "
+    "when no --adapter is given. Default: the architecture's PEFT defaults.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["inputs", "bank"]),
+    default="inputs",
+    show_default=True,
+    help="inputs: one adapter per call via named graph inputs. bank: per-row adapters in one batch.",
+)
+@click.option(
+    "--max-rank",
+    type=click.IntRange(1),
+    default=None,
+    help="bank: largest adapter rank (default max(16, ranks of the given adapters)).",
+)
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
+@export_options
+@shape_options
+@click.option("--no-verify", is_flag=True)
+@progress_steps
+def export_branched(
+    model, adapters, targets, layout, max_rank, output, opset, dtype, force, batch, seq_len, no_verify, steps
+):
+    """Export with the LoRA side branch kept in the graph: swap adapters at run time, or mix them per row."""
+    from lora_export.export.branched import export_branched as _export
+    from lora_export.verify.check import verify_graph
+
+    with steps(f"loading {model}"):
+        loaded = api.as_model(model)
+        ads = [api.as_adapter(a) for a in adapters]
+    target_list = None
+    if targets:
+        target_list = targets if any(c in targets for c in "*[]()|\\^$") else [t.strip() for t in targets.split(",")]
+    with steps(f"exporting branched ({layout})"):
+        result = _export(
+            loaded,
+            output,
+            adapters=ads,
+            targets=target_list,
+            layout=layout,
+            max_rank=max_rank,
+            opset=opset,
+            dtype=dtype,
+            force=force,
+            batch=batch,
+            seq=seq_len,
+        )
+    m = result.manifest
+    display.out.print(f"wrote {result.path}: {len(m['lora_modules'])} LoRA slots, layout {layout}")
+    if not no_verify:
+        with steps("verifying against PyTorch"):
+            report = verify_graph(loaded, result.path, ads if layout == "bank" else ads[:1], check_effect=bool(ads))
+        _finish(report)
+
+
+def _finish(report) -> None:
+    display.parity_table(report)
+    if not report.passed:
+        raise click.exceptions.Exit(1)
+    display.out.print("[green]verified[/green]: the graph matches the PyTorch reference")
+
+
+@cli.command("demo")
+@click.option(
+    "-o", "--output-dir", "out_dir", default="lora-export-demo", show_default=True, type=click.Path(file_okay=False)
+)
+@click.option("--force", is_flag=True, help="Reuse the output directory if it exists.")
+@progress_steps
+def demo(out_dir, force, steps):
+    """Sample GPT-2 + a sample adapter -> merged ONNX -> verified, with a short summary."""
+    from pathlib import Path
+
+    from lora_export.export.merged import export_merged
+    from lora_export.verify.check import verify_graph
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise click.UsageError(f"{out} exists and is not empty: pass --force or choose --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    with steps("building sample:gpt2"):
+        loaded = api.as_model("sample:gpt2")
+    with steps("writing a random PEFT adapter (r=8, alpha=16, c_attn)"):
+        adapter = api.make_adapter(loaded, out / "adapter", r=8, alpha=16, force=True)
+        adapter = api.as_adapter(out / "adapter")
+    with steps("merging and exporting"):
+        result = export_merged(loaded, adapter, out / "gpt2_merged.onnx", force=True)
+    with steps("verifying ONNX Runtime vs PyTorch"):
+        report = verify_graph(loaded, result.path, [adapter])
+    display.parity_table(report)
+    params = sum(p.numel() for p in loaded.module.parameters())
+    display.out.print(
+        f"\nadapter: {len(adapter.modules)} modules, {adapter.num_parameters():,} LoRA parameters "
+        f"({100 * adapter.num_parameters() / params:.2f}% of {params:,})\n"
+        f"graph:   {result.path} ({result.path.stat().st_size / 1e6:.1f} MB), manifest {result.path}.json\n"
+        f"parity:  worst max abs error {max(report.worst().values()):.2e}, "
+        f"{'PASSED' if report.passed else 'FAILED'}"
+    )
+    if not report.passed:
+        raise click.exceptions.Exit(1)

@@ -1,0 +1,219 @@
+"""The one torch.onnx.export call every export goes through, and the name-preserving cleanup after it.
+
+The dynamo exporter's own optimizer constant-folds `Transpose(W)` into new tensors named `val_N`, which
+loses the weight names that adapters and TensorRT refit address. So we export with `optimize=False`
+and run onnxscript's optimizer ourselves with folding disabled for any node that reads a parameter or
+a LoRA input; ONNX Runtime folds those transposes at session start anyway, so nothing is lost at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import torch
+from torch import nn
+
+from lora_export.adapters.layer import BranchFeed
+from lora_export.errors import UserError
+from lora_export.export.names import rename_initializers
+from lora_export.models.loading import LoadedModel, call_model
+
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
+
+
+@dataclass
+class ExtraInput:
+    """A graph input beyond the model's own (LoRA tensors, the bank's adapter_index)."""
+
+    name: str
+    example: torch.Tensor
+    dynamic: dict[int, str] = field(default_factory=dict)
+    default: torch.Tensor | None = None  # becomes a same-name initializer (the input's default value)
+
+
+class ExportWrapper(nn.Module):
+    """Positional forward over the model's named inputs plus the extra (LoRA) inputs."""
+
+    def __init__(self, loaded: LoadedModel, extra: list[ExtraInput], feed: BranchFeed | None):
+        super().__init__()
+        self.model = loaded.module
+        self._loaded = loaded
+        self._extra_names = [e.name for e in extra]
+        self._feed = feed
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n = len(self._loaded.input_names)
+        feeds = dict(zip(self._loaded.input_names, args[:n]))
+        if self._feed is not None:
+            extra = dict(zip(self._extra_names, args[n:]))
+            index = extra.pop("adapter_index", None)
+            self._feed.tensors = extra
+            if index is not None:
+                self._feed.slot_mask = bank_slot_mask(index, extra, self._feed)
+        try:
+            return call_model(self._loaded, feeds)
+        finally:
+            if self._feed is not None:
+                self._feed.tensors, self._feed.slot_mask = {}, None
+
+
+def bank_slot_mask(index: torch.Tensor, tensors: dict[str, torch.Tensor], feed: BranchFeed) -> torch.Tensor:
+    """`[batch, N*R]`: 1 where rank slot j belongs to the row's adapter (j // R == index); -1 matches none."""
+    a_bank = next(t for k, t in tensors.items() if k.endswith(".lora_A.bank"))  # (N, in, R)
+    n, rank = a_bank.shape[0], a_bank.shape[2]
+    owner = torch.arange(n * rank, device=index.device) // rank  # (N*R,)
+    return (owner.unsqueeze(0) == index.unsqueeze(1)).to(a_bank.dtype)  # (batch, N*R)
+
+
+def trace(
+    loaded: LoadedModel,
+    *,
+    extra: list[ExtraInput] | None = None,
+    feed: BranchFeed | None = None,
+    batch: int = 2,
+    seq: int = 16,
+    opset: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ir.Model:
+    """Export `loaded` (with any LoRA wiring already attached) to an ONNX IR model with clean names."""
+    extra = extra or []
+    example = loaded.make_inputs(batch, seq or loaded.default_seq, 0)
+    example = {k: v.to(dtype) if v.is_floating_point() else v for k, v in example.items()}
+    wrapper = ExportWrapper(loaded, extra, feed).eval()
+    args = tuple(example[n] for n in loaded.input_names) + tuple(e.example for e in extra)
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim_for(label: str) -> torch.export.Dim:
+        if label not in dims:
+            dims[label] = torch.export.Dim(_py_ident(label), min=0 if label.startswith("r_") else 1)
+        return dims[label]
+
+    dynamic = tuple(
+        {d: dim_for(lbl) for d, lbl in loaded.dynamic_axes.get(n, {}).items()} for n in loaded.input_names
+    ) + tuple({d: dim_for(lbl) for d, lbl in e.dynamic.items()} for e in extra)
+    program = _export(wrapper, args, loaded, extra, dynamic, opset)
+    model = program.model
+    rename_initializers(model)
+    _restore_dim_names(model, loaded, extra)
+    protected = set(model.graph.initializers) | {e.name for e in extra}
+    optimize_preserving(model, protected)
+    for e in extra:
+        if e.default is not None:
+            _add_default(model, e.name, e.default)
+    return model
+
+
+def _py_ident(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label)
+
+
+def _export(wrapper, args, loaded, extra, dynamic, opset):
+    kwargs = dict(
+        dynamo=True,
+        optimize=False,
+        input_names=loaded.input_names + [e.name for e in extra],
+        output_names=loaded.output_names,
+        dynamic_shapes=(dynamic,),
+        verbose=False,  # forward(*args)
+    )
+    if opset:
+        kwargs["opset_version"] = opset
+    quiet = io.StringIO()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(wrapper, args, **kwargs)
+    except torch.onnx.errors.UnsupportedOperatorError as e:  # pragma: no cover - depends on the model
+        raise UserError(f"torch.onnx.export cannot export this model: {str(e).splitlines()[0]}") from None
+
+
+def _restore_dim_names(model: ir.Model, loaded: LoadedModel, extra: list[ExtraInput]) -> None:
+    """torch names dims after its `Dim` objects (identifiers); give back the labels we chose."""
+    labels = {}
+    for axes in list(loaded.dynamic_axes.values()) + [e.dynamic for e in extra]:
+        for lbl in axes.values():
+            labels[_py_ident(lbl)] = lbl
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.shape is None:
+            continue
+        dims = [
+            ir.SymbolicDim(labels.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
+        ]
+        value.shape = ir.Shape(dims)
+    for out in model.graph.outputs:  # outputs: use the labels declared for them where torch made its own
+        axes = loaded.dynamic_axes.get(out.name)
+        if axes and out.shape is not None:
+            dims = list(out.shape)
+            for d, lbl in axes.items():
+                if d < len(dims) and not isinstance(dims[d], int):
+                    dims[d] = ir.SymbolicDim(lbl)
+            out.shape = ir.Shape(dims)
+
+
+def optimize_preserving(model: ir.Model, protected: set[str]) -> None:
+    """onnxscript's optimizer, never folding a node that reads a protected tensor, never deduplicating."""
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if any(v is not None and v.name in protected for v in node.inputs):
+            return False
+        return None
+
+    passes = ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True, input_size_limit=8192, output_size_limit=262144, should_fold=should_fold
+                ),
+                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.TopologicalSortPass(),
+    )
+    passes(model)
+
+
+def _add_default(model: ir.Model, name: str, value: torch.Tensor) -> None:
+    """A same-name initializer for a graph input: its default when the caller feeds nothing."""
+    graph_input = next(v for v in model.graph.inputs if v.name == name)
+    graph_input.const_value = ir.tensor(value.detach().cpu().numpy(), name=name)
+    model.graph.initializers[name] = graph_input
+
+
+def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
+    """Write atomically (temp dir, then rename); external data when the weights pass protobuf's 2 GB."""
+    path = Path(path)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        data_name = f"{path.name}.data" if external else None
+        ir.save(model, tmp_dir / path.name, external_data=data_name)
+        written = []
+        for f in sorted(tmp_dir.iterdir(), reverse=True):  # data before the graph that names it
+            os.replace(f, path.parent / f.name)
+            written.append(path.parent / f.name)
+        return written
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""What is in a model, an adapter or an ONNX graph: adapted modules, ranks, scaling, parameter counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lora_export.adapters.adapter import Adapter
+from lora_export.fileio import manifest_path, read_json
+
+
+def inspect_adapter(adapter: Adapter, base_parameters: int | None = None) -> dict[str, Any]:
+    rows = [
+        {
+            "module": p,
+            "r": m.r,
+            "in": m.in_features,
+            "out": m.out_features,
+            "scaling": round(m.scaling, 6),
+            "parameters": m.A.numel() + m.B.numel(),
+        }
+        for p, m in sorted(adapter.modules.items())
+    ]
+    info = {"kind": "adapter", **adapter.summary(), "table": rows}
+    if base_parameters:
+        info["base_parameters"] = base_parameters
+        info["trainable_fraction"] = adapter.num_parameters() / base_parameters
+    return info
+
+
+def inspect_model(module, arch: str, source: str, default_targets: list[str] | None) -> dict[str, Any]:
+    from lora_export.adapters.inject import unwrap
+    from lora_export.adapters.layer import layer_dims, supported_layer
+    from lora_export.adapters.spec import LoraSpec
+
+    total = sum(p.numel() for p in module.parameters())
+    layers = [(p, m) for p, m in unwrap(module).items() if p and supported_layer(m)]
+    spec = LoraSpec(target_modules=default_targets or [])
+    rows = [
+        {
+            "module": p,
+            "type": type(m).__name__,
+            "in": layer_dims(m)[0],
+            "out": layer_dims(m)[1],
+            "default_target": spec.matches(p),
+        }
+        for p, m in layers
+    ]
+    per_r8 = sum(8 * (r["in"] + r["out"]) for r in rows if r["default_target"])
+    return {
+        "kind": "model",
+        "source": source,
+        "arch": arch,
+        "parameters": total,
+        "lora_capable_layers": len(rows),
+        "default_targets": default_targets,
+        "r8_default_parameters": per_r8,
+        "r8_default_trainable_fraction": per_r8 / total if total else 0.0,
+        "table": rows,
+    }
+
+
+def inspect_onnx(path: str | Path) -> dict[str, Any]:
+    import onnx
+
+    from lora_export.runtime.slots import GraphSlots
+
+    model = onnx.load(str(path), load_external_data=False)
+    slots = GraphSlots.from_onnx(path)
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    init_params = sum(int(_numel(t.dims)) for t in model.graph.initializer)
+    info = {
+        "kind": "onnx",
+        "path": str(path),
+        "layout": slots.layout,
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "inputs": [_io(i) for i in model.graph.input],
+        "outputs": [_io(o) for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "initializer_parameters": init_params,
+        "lora_modules": len(slots.modules),
+        "table": [{"module": s.path, "in": s.in_features, "out": s.out_features} for s in slots.modules.values()],
+    }
+    if slots.layout == "bank":
+        info["max_rank"] = slots.max_rank
+    mp = manifest_path(path)
+    if mp.exists():
+        info["manifest"] = read_json(mp)
+    return info
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _io(v) -> dict[str, Any]:
+    import onnx
+
+    t = v.type.tensor_type
+    return {
+        "name": v.name,
+        "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(),
+        "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+    }

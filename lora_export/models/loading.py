@@ -1,0 +1,176 @@
+"""Resolve MODEL on the command line: `sample:NAME`, a local transformers directory, or `py:mod:factory`."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_export.errors import UserError
+from lora_export.models import inputs as inputs_mod
+from lora_export.models.zoo import SAMPLES, build_sample
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to trace: what it takes, what it returns, how to make inputs for it."""
+
+    module: nn.Module
+    arch: str
+    source: str
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    make_inputs: inputs_mod.InputMaker
+    default_seq: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def forward(self, feeds: inputs_mod.Inputs) -> dict[str, torch.Tensor]:
+        """Run the model on named inputs; outputs by name, in `output_names` order."""
+        with torch.no_grad():
+            return dict(zip(self.output_names, call_model(self, feeds)))
+
+
+def call_model(model: LoadedModel, feeds: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The single forward call every path (reference, export) goes through."""
+    if model.arch == "py":
+        out = model.module(*[feeds[n] for n in model.input_names])
+        if isinstance(out, torch.Tensor):
+            return (out,)
+        if isinstance(out, dict):
+            return tuple(out[n] for n in model.output_names)
+        return tuple(out)
+    if model.arch == "convnet":
+        return (model.module(feeds["pixel_values"]),)
+    out = model.module(**feeds, use_cache=False, return_dict=True)
+    return tuple(out[n] for n in model.output_names)
+
+
+def load_model(spec: str) -> LoadedModel:
+    if spec.startswith("sample:"):
+        return _load_sample(spec[len("sample:") :], spec)
+    if spec.startswith("py:"):
+        return _load_py(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return _load_transformers_dir(path, spec)
+    names = ", ".join(f"sample:{n}" for n in SAMPLES)
+    raise UserError(
+        f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
+    )
+
+
+def _load_sample(name: str, spec: str) -> LoadedModel:
+    if name not in SAMPLES:
+        raise UserError(f"unknown sample {name!r}: choose one of {', '.join(SAMPLES)}")
+    module, sample = build_sample(name)
+    if sample.arch == "convnet":
+        return LoadedModel(
+            module=module,
+            arch="convnet",
+            source=spec,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_axes={"pixel_values": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+            make_inputs=lambda b, s, seed: inputs_mod.image_inputs(b, s, seed),
+            default_seq=16,
+        )
+    return _wrap_transformers(module, spec)
+
+
+def _wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
+    config = module.config
+    arch = config.model_type
+    if arch not in inputs_mod.TEXT_INPUTS:
+        raise UserError(
+            f"{spec}: model type {arch!r} has no input recipe yet (known: {', '.join(inputs_mod.TEXT_INPUTS)}); "
+            "wrap it as py:module:factory"
+        )
+    names = inputs_mod.TEXT_INPUTS[arch]
+    outputs = (
+        ["logits"]
+        if "ForCausalLM" in type(module).__name__ or "LMHead" in type(module).__name__
+        else (
+            ["last_hidden_state", "pooler_output"]
+            if getattr(module, "pooler", None) is not None
+            else ["last_hidden_state"]
+        )
+    )
+    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes.update({o: {0: "batch", 1: "sequence"} for o in outputs})
+    if "pooler_output" in outputs:
+        axes["pooler_output"] = {0: "batch"}
+    vocab = int(config.vocab_size)
+    return LoadedModel(
+        module=module.eval(),
+        arch=arch,
+        source=spec,
+        input_names=names,
+        output_names=outputs,
+        dynamic_axes=axes,
+        make_inputs=lambda b, s, seed: inputs_mod.text_inputs(names, vocab, b, s, seed),
+        extra={"config": config.to_dict() if hasattr(config, "to_dict") else {}},
+    )
+
+
+def _load_transformers_dir(path: Path, spec: str) -> LoadedModel:
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
+    if not (path / "config.json").exists():
+        raise UserError(f"{path} has no config.json: expected a transformers save_pretrained directory")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        arch_names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, arch_names[0], None) if arch_names else None
+        cls = cls or transformers.AutoModel
+        load = cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained
+        module = load(str(path), local_files_only=True, attn_implementation="eager", torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {path} as a transformers model: {str(e).splitlines()[0]}") from None
+    module.config.use_cache = False
+    return _wrap_transformers(module, spec)
+
+
+def _load_py(spec: str) -> LoadedModel:
+    target = spec[len("py:") :]
+    mod_name, _, fn_name = target.partition(":")
+    if not mod_name or not fn_name:
+        raise UserError(f"{spec!r}: expected py:package.module:factory")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{spec!r}: cannot import the factory ({e})") from None
+    result = factory()
+    module, example = result[0], result[1]
+    axes = result[2] if len(result) > 2 else None
+    if not isinstance(module, nn.Module) or not isinstance(example, dict):
+        raise UserError(f"{spec!r}: the factory must return (torch.nn.Module, dict of example input tensors)")
+    module.eval()
+    names = list(example)
+    with torch.no_grad():
+        out = module(*[example[n] for n in names])
+    if isinstance(out, torch.Tensor):
+        outputs = ["output"]
+    elif isinstance(out, dict):
+        outputs = list(out)
+    else:
+        outputs = [f"output_{i}" for i in range(len(out))]
+    if axes is None:
+        axes = {n: {0: "batch"} for n, t in example.items() if t.dim() > 0}
+        axes.update({o: {0: "batch"} for o in outputs})
+    return LoadedModel(
+        module=module,
+        arch="py",
+        source=spec,
+        input_names=names,
+        output_names=outputs,
+        dynamic_axes=axes,
+        make_inputs=lambda b, s, seed: inputs_mod.like_inputs(example, b, seed),
+        default_seq=0,
+    )

@@ -1,0 +1,210 @@
+"""`LoraSession`: open a branched graph once, keep many adapters resident, pick one per call or one per row.
+
+- `inputs` graphs: each resident adapter is packed once into an ONNX Runtime `LoraAdapter` (memory-mapped
+  `.onnx_adapter` in a session-owned temp dir) and activated per call with `RunOptions.add_active_adapter`;
+  if ORT refuses that, its tensors are kept as prepared `OrtValue` feeds instead.
+- `bank` graphs: a call names an adapter per row; the banks for that set of adapters are stacked once and
+  cached, the call only builds `adapter_index`.
+
+Switching adapters never rebuilds the session. `run` takes no lock around inference (ORT sessions are safe
+to call from many threads); the resident tables are replaced copy-on-write under a lock.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.pack import packed_tensors, write_packed
+from lora_export.adapters.peft_io import read_adapter
+from lora_export.backends.onnxrt import feedable_names, open_session
+from lora_export.errors import AdapterError, UserError
+from lora_export.runtime.slots import GraphSlots, bank_feeds
+
+NO_ADAPTER = -1
+_BANK_CACHE = 16
+
+
+@dataclass
+class _Resident:
+    adapter: Adapter
+    ort_adapter: Any = None  # onnxruntime.LoraAdapter, inputs layout
+    feeds: dict[str, Any] | None = None  # OrtValues, the fallback when LoraAdapter is not usable
+
+
+class LoraSession:
+    def __init__(
+        self,
+        graph: str | Path,
+        *,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        use_ort_adapters: bool = True,
+    ):
+        self.path = Path(graph)
+        self.session = open_session(self.path, providers, threads)
+        self.slots = GraphSlots.from_session(self.session)
+        if self.slots.layout == "merged":
+            raise UserError(f"{self.path} has no LoRA inputs: open a graph made by export-branched")
+        self.input_names = set(feedable_names(self.session))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._resident: dict[str, _Resident] = {}
+        self._lock = threading.Lock()
+        self._bank_cache: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+        self._use_ort_adapters = use_ort_adapters
+        self._tmp = tempfile.TemporaryDirectory(prefix="lora_session_")
+
+    @property
+    def layout(self) -> str:
+        return self.slots.layout
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, source: str | Path | Adapter, *, allow_nonfinite: bool = False) -> Adapter:
+        """Make an adapter resident as `name`: a PEFT dir, an .onnx_adapter/.safetensors/.npz file, or an Adapter."""
+        adapter = (
+            source if isinstance(source, Adapter) else read_adapter(source, name=name, allow_nonfinite=allow_nonfinite)
+        )
+        self.slots.check_adapter(adapter)
+        resident = _Resident(adapter)
+        if self.layout == "inputs":
+            self._prepare_inputs(name, resident)
+        with self._lock:
+            self._resident = {**self._resident, name: resident}
+            self._bank_cache = OrderedDict((k, v) for k, v in self._bank_cache.items() if name not in k)
+        return adapter
+
+    def _prepare_inputs(self, name: str, resident: _Resident) -> None:
+        import onnxruntime as ort
+
+        dtype = "fp16" if self.slots.dtype == np.float16 else "fp32"
+        tensors = packed_tensors(resident.adapter, dtype)
+        if self._use_ort_adapters:
+            try:
+                path = Path(self._tmp.name) / f"{len(self._resident)}_{abs(hash(name))}.onnx_adapter"
+                write_packed(tensors, path)
+                lora = ort.LoraAdapter()
+                lora.Load(str(path))
+                resident.ort_adapter = lora
+                return
+            except Exception:  # older ORT or an unsupported device: fall back to prepared feeds
+                resident.ort_adapter = None
+        resident.feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()}
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self._resident:
+                raise UserError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._resident) or 'none'})")
+            self._resident = {k: v for k, v in self._resident.items() if k != name}
+            self._bank_cache = OrderedDict((k, v) for k, v in self._bank_cache.items() if name not in k)
+
+    def adapters(self) -> list[str]:
+        return list(self._resident)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._resident
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": n,
+                "modules": len(r.adapter.modules),
+                "ranks": sorted(set(r.adapter.ranks().values())),
+                "source": r.adapter.source,
+            }
+            for n, r in self._resident.items()
+        ]
+
+    # -- inference ------------------------------------------------------------------------------------------
+    def run(
+        self,
+        feeds: dict[str, np.ndarray],
+        *,
+        adapter: str | None = None,
+        adapters: list[str | None] | None = None,
+        output_names: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run with one adapter for the whole batch (`adapter`), or one per row (`adapters`, bank graphs)."""
+        import onnxruntime as ort
+
+        outputs = output_names or self.output_names
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        resident = self._resident  # a snapshot: load/unload replace the dict, never mutate it
+        run_options = None
+        if self.layout == "bank" and "adapter_index" in feeds and adapters is None and adapter is None:
+            # raw indices into the resident adapters, in load order
+            names = tuple(resident)
+            check_bank_index(feeds["adapter_index"], len(names))
+            rows = [names[i] if i >= 0 else None for i in np.asarray(feeds.pop("adapter_index")).tolist()]
+            feeds.update(self._bank_feeds(rows, resident))
+        elif self.layout == "bank":
+            rows = adapters if adapters is not None else None
+            if rows is None:
+                batch = next(iter(feeds.values())).shape[0] if feeds else 1
+                rows = [adapter] * batch
+            feeds.update(self._bank_feeds(rows, resident))
+        else:
+            if adapters is not None:
+                names = set(adapters)
+                if len(names) > 1:
+                    raise UserError("per-row adapters need a bank graph (export-branched --layout bank)")
+                adapter = next(iter(names))
+            if adapter is not None:
+                res = self._get(adapter, resident)
+                if res.ort_adapter is not None:
+                    run_options = ort.RunOptions()
+                    run_options.add_active_adapter(res.ort_adapter)
+                else:
+                    feeds.update(res.feeds)
+        values = self.session.run(outputs, feeds, run_options)
+        return dict(zip(outputs, values))
+
+    def _get(self, name: str, resident: dict[str, _Resident]) -> _Resident:
+        try:
+            return resident[name]
+        except KeyError:
+            raise UserError(
+                f"no adapter named {name!r} is loaded (loaded: {', '.join(resident) or 'none'}): load_adapter it first"
+            ) from None
+
+    def _bank_feeds(self, rows: list[str | None], resident: dict[str, _Resident]) -> dict[str, Any]:
+        names = tuple(sorted({r for r in rows if r is not None}))
+        for n in names:
+            self._get(n, resident)
+        key = names
+        with self._lock:
+            cached = self._bank_cache.get(key)
+            if cached is not None:
+                self._bank_cache.move_to_end(key)
+        if cached is None:
+            cached = bank_feeds([resident[n].adapter for n in names], self.slots)
+            with self._lock:
+                self._bank_cache[key] = cached
+                while len(self._bank_cache) > _BANK_CACHE:
+                    self._bank_cache.popitem(last=False)
+        position = {n: i for i, n in enumerate(names)}
+        index = np.array([position[r] if r is not None else NO_ADAPTER for r in rows], dtype=np.int64)
+        return {**cached, "adapter_index": index}
+
+    def close(self) -> None:
+        self.session = None
+        self._tmp.cleanup()
+
+    def __enter__(self) -> LoraSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_bank_index(index: np.ndarray, num_adapters: int) -> None:
+    """Raw bank feeds: every row's index must be -1 or name a bank slot (ORT would silently zero the branch)."""
+    bad = [int(i) for i in np.asarray(index).ravel() if not (i == NO_ADAPTER or 0 <= i < num_adapters)]
+    if bad:
+        raise AdapterError(f"adapter_index {bad[:5]} out of range: use -1 (no adapter) or 0..{num_adapters - 1}")

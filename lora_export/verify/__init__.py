@@ -1,0 +1,1 @@
+"""Parity (pure functions over numpy) and latency (which owns all timing)."""

@@ -1,0 +1,166 @@
+"""Pure comparison functions: numpy in, JSON-serializable dataclasses out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+DEFAULT_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (3e-2, 3e-2)}  # (atol, rtol) by graph dtype
+
+
+@dataclass
+class OutputStats:
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    atol: float
+    rtol: float
+    passed: bool
+    top1_agreement: float | None = None
+    reason: str = ""
+
+
+@dataclass
+class CaseReport:
+    """One input set: its shape label and each output's statistics."""
+
+    label: str
+    outputs: list[OutputStats]
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    candidate: str
+    cases: list[CaseReport] = field(default_factory=list)
+    checks: dict[str, dict] = field(default_factory=dict)  # named extra checks (adapter effect, ...)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.cases) and all(c.get("passed", True) for c in self.checks.values())
+
+    def worst(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for c in self.cases:
+            for o in c.outputs:
+                out[o.name] = max(out.get(o.name, 0.0), o.max_abs)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "passed": self.passed,
+            "cases": [
+                {"label": c.label, "passed": c.passed, "outputs": [asdict(o) for o in c.outputs]} for c in self.cases
+            ],
+            "checks": self.checks,
+        }
+
+
+def compare_output(name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputStats:
+    ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if ref64.shape != got64.shape:
+        return OutputStats(
+            name,
+            list(got64.shape),
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            0.0,
+            atol,
+            rtol,
+            False,
+            reason=f"shape {list(got64.shape)} != reference {list(ref64.shape)}",
+        )
+    if not np.isfinite(got64).all() and np.isfinite(ref64).all():
+        return OutputStats(
+            name,
+            list(ref64.shape),
+            float("inf"),
+            float("inf"),
+            float("inf"),
+            0.0,
+            atol,
+            rtol,
+            False,
+            reason="non-finite values in the candidate",
+        )
+    diff = np.abs(got64 - ref64)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(ref64), 1e-6)).max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    denom = float(np.linalg.norm(ref64) * np.linalg.norm(got64))
+    cosine = float((ref64.ravel() @ got64.ravel()) / denom) if denom > 0 else 1.0
+    passed = bool(np.all(diff <= atol + rtol * np.abs(ref64)))
+    top1 = None
+    if name == "logits" and ref64.ndim >= 2:
+        top1 = float(np.mean(ref64.argmax(-1) == got64.argmax(-1)))
+    reason = "" if passed else f"max abs error {max_abs:.3g} above atol {atol:g} + rtol {rtol:g}·|ref|"
+    return OutputStats(name, list(ref64.shape), max_abs, max_rel, mean_abs, cosine, atol, rtol, passed, top1, reason)
+
+
+def compare_outputs(
+    ref: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+    *,
+    dtype: str = "fp32",
+    atol: dict[str, float] | None = None,
+    rtol: dict[str, float] | None = None,
+    label: str = "",
+) -> CaseReport:
+    """Compare every reference output; per-output tolerances override the dtype defaults."""
+    d_atol, d_rtol = DEFAULT_TOLERANCES[dtype]
+    atol, rtol = atol or {}, rtol or {}
+    stats = []
+    for name, r in ref.items():
+        if name not in got:
+            stats.append(
+                OutputStats(
+                    name,
+                    list(np.shape(r)),
+                    float("inf"),
+                    float("inf"),
+                    float("inf"),
+                    0.0,
+                    d_atol,
+                    d_rtol,
+                    False,
+                    reason="missing from the candidate's outputs",
+                )
+            )
+            continue
+        stats.append(
+            compare_output(
+                name, r, got[name], atol.get(name, atol.get("*", d_atol)), rtol.get(name, rtol.get("*", d_rtol))
+            )
+        )
+    return CaseReport(label, stats)
+
+
+def adapter_effect(
+    with_adapter: dict[str, np.ndarray], base: dict[str, np.ndarray], parity_error: float, factor: float = 10.0
+) -> dict:
+    """The adapter must move the outputs well above the parity error, or it was silently dropped."""
+    effect = max(
+        float(np.abs(np.asarray(with_adapter[k], np.float64) - np.asarray(base[k], np.float64)).max())
+        for k in with_adapter
+    )
+    passed = effect > factor * max(parity_error, 1e-7)
+    return {
+        "effect_max_abs": effect,
+        "parity_max_abs": parity_error,
+        "factor": factor,
+        "passed": passed,
+        "reason": ""
+        if passed
+        else "the adapter barely changes the reference outputs: a dropped adapter would pass unnoticed (is B zero?)",
+    }

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny samples built once per session, random adapters with non-zero B."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ARCHS = ["gpt2", "llama", "bert"]
+
+
+@pytest.fixture(scope="session")
+def sample_cache():
+    from lora_export.models import load_model
+
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_model(f"sample:{name}")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def sample(sample_cache):
+    """`sample("gpt2")` -> a LoadedModel whose module is a private copy (tests may mutate it)."""
+
+    def get(name: str):
+        loaded = copy.copy(sample_cache(name))
+        loaded.module = copy.deepcopy(loaded.module)
+        return loaded
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def export_cache(tmp_path_factory, sample_cache):
+    """Branched/merged graphs exported once per session: key -> path (exports take seconds)."""
+    from lora_export.export.branched import export_branched
+
+    root = tmp_path_factory.mktemp("graphs")
+    cache = {}
+
+    def get(arch: str, layout: str = "inputs", **kwargs):
+        key = (arch, layout, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            path = root / f"{arch}_{layout}_{len(cache)}.onnx"
+            export_branched(sample_cache(arch), path, layout=layout, **kwargs)
+            cache[key] = path
+        return cache[key]
+
+    return get
+
+
+def make_random_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rslora=False, name=None, **spec_kw):
+    from lora_export.adapters.random import random_adapter
+    from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+
+    spec = LoraSpec(
+        r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets or DEFAULT_TARGETS[loaded.arch], **spec_kw
+    )
+    return random_adapter(loaded.module, spec, seed=seed, name=name or f"r{r}_s{seed}")
