@@ -41,6 +41,9 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "alora_invocation_tokens": (None, []),
     "megatron_config": (None, {}),
     "arrow_config": (None, {}),
+    "kasa_config": (None, {}),
+    "monteclora_config": (None, {}),
+    "use_bdlora": (None, False, {}),
 }
 
 
