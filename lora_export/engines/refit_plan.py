@@ -1,0 +1,196 @@
+"""What a refit sets: engine weight names and their new values, computed with numpy from the ONNX graph.
+
+Merged engines: each adapted module `P` has its base weight initializer `P.weight` in the graph, in the
+layout the graph uses it in: `[in, out]` when a MatMul/Gemm reads it directly (GPT-2 Conv1D), `[out, in]`
+when it goes through a Transpose or a `Gemm(transB=1)` (nn.Linear), the kernel layout for Conv. The new
+value is `W0 + s·B·A` computed in float32 from the *base* weight and cast back to the graph's dtype
+(as `export_merged` does), so a refit engine holds exactly what a merged export of that adapter holds.
+
+Blended adapters (NVIDIA/TensorRT#3628): a refit only replaces the weights it is given, so swapping
+adapter X for Y must also put back the base value of every weight X changed and Y does not; otherwise
+the engine runs "Y plus the rest of X". `previous` (the weights the engine's current adapter changed,
+tracked in `OUT.plan.json`) drives that restoration.
+
+Branched engines built with LoRA tensors as weights (`lora_as="weights"`, rank R): A `[in, R]` and
+B `[R, out]` (scaling folded into B) zero-padded from the adapter's rank; modules the previous adapter
+used and the new one does not are reset to zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lora_export.adapters.adapter import Adapter, contract_names
+from lora_export.errors import AdapterError, UserError
+
+
+@dataclass
+class RefitPlan:
+    values: dict[str, np.ndarray]  # engine weight name -> new value (graph layout and dtype)
+    adapted: list[str] = field(default_factory=list)  # weights that now differ from base
+    restored: list[str] = field(default_factory=list)  # weights put back to base (or zeros)
+
+    def summary(self) -> dict:
+        return {"weights": len(self.values), "adapted": len(self.adapted), "restored": len(self.restored)}
+
+
+def restoration_set(previous: set[str] | list[str] | None, new: set[str] | list[str]) -> list[str]:
+    """Weights the previous adapter changed that the new one does not: they go back to base."""
+    return sorted(set(previous or ()) - set(new))
+
+
+class GraphWeights:
+    """Initializers of an ONNX graph by name, converted to numpy on demand, with their consumers."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.protos = {t.name: t for t in model.graph.initializer}
+        self._consumers: dict[str, list[tuple[onnx.NodeProto, int]]] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.protos
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.protos[name])
+
+    def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+        if self._consumers is None:
+            self._consumers = {}
+            for node in self.model.graph.node:
+                for k, inp in enumerate(node.input):
+                    if inp in self.protos:
+                        self._consumers.setdefault(inp, []).append((node, k))
+        return self._consumers.get(name, [])
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def weight_layout(weights: GraphWeights, name: str) -> str:
+    """'in_out', 'out_in' or 'kernel' for initializer `name`, from how the graph consumes it."""
+    layouts = set()
+    for node, k in weights.consumers(name):
+        op = node.op_type
+        if op == "Transpose" and list(_attr(node, "perm", [1, 0])) == [1, 0]:
+            layouts.add("out_in")
+        elif op == "Gemm" and k == 1:
+            layouts.add("out_in" if _attr(node, "transB", 0) else "in_out")
+        elif op == "MatMul" and k == 1:
+            layouts.add("in_out")
+        elif op in ("Conv", "ConvTranspose") and k == 1:
+            layouts.add("kernel")
+        else:
+            layouts.add(f"?{op}:{k}")
+    known = {x for x in layouts if not x.startswith("?")}
+    if len(known) == 1 and len(layouts) == 1:
+        return known.pop()
+    raise UserError(
+        f"cannot tell how the graph uses weight {name} (consumers: {', '.join(sorted(layouts)) or 'none'}); "
+        "refit supports weights read by MatMul, Gemm, Transpose([1,0]) or Conv"
+    )
+
+
+def merged_refit_plan(base: GraphWeights, adapter: Adapter | None, previous: set[str] | list[str] | None) -> RefitPlan:
+    """Values for a merged engine: `W0 + s·B·A` for the adapter's modules, `W0` for weights to restore.
+
+    `base` holds the base model's weights (a base export, or a merged export's untouched initializers);
+    `adapter=None` means "back to the base model".
+    """
+    values: dict[str, np.ndarray] = {}
+    adapted = []
+    for path, lora in sorted((adapter.modules if adapter else {}).items()):
+        name = f"{path}.weight"
+        if name not in base:
+            raise AdapterError(f"adapter module {path}: the graph has no initializer {name}")
+        w0 = base.array(name)
+        delta = lora.delta_weight().numpy()  # (out, in) or conv kernel, float32
+        layout = weight_layout(base, name)
+        if layout == "in_out":
+            delta = delta.T
+        if delta.shape != w0.shape:
+            raise AdapterError(
+                f"adapter module {path}: delta {tuple(delta.shape)} does not fit {name} {tuple(w0.shape)} ({layout})"
+            )
+        merged = (w0.astype(np.float32) + delta).astype(w0.dtype)
+        if not np.isfinite(merged).all():
+            raise AdapterError(f"{path}: merging gives NaN/Inf in {w0.dtype}; use an fp32 graph")
+        values[name] = merged
+        adapted.append(name)
+    restored = restoration_set(previous, adapted)
+    for name in restored:
+        if name not in base:
+            raise UserError(f"cannot restore {name}: not an initializer of the base graph")
+        values[name] = base.array(name)
+    return RefitPlan(values, adapted, restored)
+
+
+def branched_refit_plan(
+    lora_modules: list[dict],
+    rank: int,
+    dtype: str,
+    adapter: Adapter | None,
+    previous: set[str] | list[str] | None,
+) -> RefitPlan:
+    """Values for a branched engine with LoRA tensors as rank-`rank` weights (A `[in, R]`, B `[R, out]`)."""
+    slots = {m["path"]: m for m in lora_modules}
+    np_dtype = np.dtype(dtype)
+    values: dict[str, np.ndarray] = {}
+    adapted = []
+    modules = adapter.modules if adapter else {}
+    unknown = sorted(set(modules) - set(slots))
+    if unknown:
+        raise AdapterError(
+            f"adapter adapts {unknown[0]} (and {len(unknown) - 1} more), which has no LoRA slot in this engine; "
+            "export the branched graph with these targets"
+        )
+    for path, lora in sorted(modules.items()):
+        slot = slots[path]
+        if lora.is_conv:
+            raise AdapterError(f"{path}: Conv2d adapters have no branched form")
+        if lora.r > rank:
+            raise AdapterError(
+                f"{path}: adapter rank {lora.r} exceeds the engine's LoRA rank {rank}: rebuild with --lora-rank"
+            )
+        if (lora.in_features, lora.out_features) != (slot["in"], slot["out"]):
+            raise AdapterError(
+                f"{path}: adapter is {lora.in_features}->{lora.out_features}, slot is {slot['in']}->{slot['out']}"
+            )
+        a, b = lora.contract_pair()  # (in, r), (r, out) with the scaling in b
+        a_pad = np.zeros((slot["in"], rank), np.float32)
+        b_pad = np.zeros((rank, slot["out"]), np.float32)
+        a_pad[:, : lora.r], b_pad[: lora.r] = a, b
+        a_name, b_name = contract_names(path)
+        values[a_name], values[b_name] = a_pad.astype(np_dtype), b_pad.astype(np_dtype)
+        adapted += [a_name, b_name]
+    restored = restoration_set(previous, adapted)
+    by_name = {n: (m, k) for m in lora_modules for k, n in enumerate(contract_names(m["path"]))}
+    for name in restored:
+        if name not in by_name:
+            raise UserError(f"cannot reset {name}: not a LoRA weight of this engine")
+        m, k = by_name[name]
+        values[name] = np.zeros((m["in"], rank) if k == 0 else (rank, m["out"]), np_dtype)
+    return RefitPlan(values, adapted, restored)
+
+
+def changed_weights(source: GraphWeights, base: GraphWeights) -> list[str]:
+    """Initializers whose values differ between a merged graph and its base graph (the baked adapter)."""
+    out = []
+    for name, proto in source.protos.items():
+        other = base.protos.get(name)
+        if other is None or proto.dims != other.dims:
+            continue
+        if proto.raw_data and other.raw_data:
+            differs = proto.raw_data != other.raw_data
+        else:
+            differs = not np.array_equal(source.array(name), base.array(name))
+        if differs:
+            out.append(name)
+    return sorted(out)
