@@ -116,3 +116,16 @@ def test_conv2d_merged_export_matches_peft(sample_cache, tmp_path):
             np.testing.assert_allclose(
                 ort_runner.infer(feeds)["logits"], peft_forward(pm, loaded, feeds)["logits"], atol=1e-4, rtol=1e-4
             )
+
+
+def test_large_models_are_saved_with_external_data(sample_cache, merged_graphs, tmp_path, monkeypatch):
+    """Over protobuf's 2 GB limit the weights go to `out.onnx.data` (threshold lowered to test it cheaply)."""
+    from lora_export.export import trace
+
+    monkeypatch.setattr(trace, "EXTERNAL_DATA_THRESHOLD", 1024)
+    loaded = sample_cache("gpt2")
+    _, adapter, _ = merged_graphs["gpt2"]
+    result = export_merged(loaded, adapter, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > (tmp_path / "big.onnx").stat().st_size
+    assert verify_graph(loaded, result.path, [adapter], shapes=[(2, 5)]).passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.json"]
