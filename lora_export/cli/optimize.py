@@ -1,1 +1,121 @@
-"""Commands of this stage register here (see the issue that builds them)."""
+"""optimize: LoRA-aware, name-preserving graph passes (lora_export.passes)."""
+
+from __future__ import annotations
+
+import click
+
+from lora_export.cli import cli, display
+from lora_export.cli.options import json_option, progress_steps, write_json_report
+
+
+@cli.command("optimize")
+@click.argument("graph", metavar="IN.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.option(
+    "--bake",
+    default=None,
+    help="Fold this adapter (.onnx_adapter/.safetensors/.npz file or PEFT dir) into the weights: a merged graph.",
+)
+@click.option("--fp16", is_flag=True, help="Compute in float16; LayerNorm/Softmax/reductions and LoRA stay float32.")
+@click.option(
+    "--target",
+    type=click.Choice(["ort"]),
+    default=None,
+    help="ort: ONNX Runtime transformer fusions, applied only if the LoRA slots survive them.",
+)
+@click.option(
+    "--fuse-siblings",
+    is_flag=True,
+    help="One x·A MatMul for LoRA branches reading the same input (q/v); off by default (no faster on ORT CPU).",
+)
+@click.option("--report", "show_report", is_flag=True, help="Print ops by type before/after and initializer bytes.")
+@click.option("--bench", is_flag=True, help="Also time the graph before/after (ONNX Runtime CPU).")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="--bench batch size.")
+@click.option("--seq-len", "seq_len", type=click.IntRange(1), default=128, show_default=True, help="--bench length.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in the baked weights.")
+@json_option
+@progress_steps
+def optimize(
+    graph,
+    output,
+    bake,
+    fp16,
+    target,
+    fuse_siblings,
+    show_report,
+    bench,
+    batch,
+    seq_len,
+    force,
+    allow_nonfinite,
+    json_path,
+    steps,
+):
+    """Optimize an exported graph; LoRA inputs, their defaults and base weight names are kept exactly.
+
+    \b
+    Examples:
+      lora-export optimize branched.onnx -o branched.opt.onnx --report --bench
+      lora-export optimize branched.onnx -o merged.onnx --bake my.onnx_adapter
+      lora-export optimize branched.onnx -o branched.fp16.onnx --fp16 --target ort
+    """
+    from lora_export.passes.pipeline import measure_graphs, optimize_file
+
+    with steps("optimizing"):
+        report = optimize_file(
+            graph,
+            output,
+            bake=bake,
+            fp16=fp16,
+            target=target,
+            force=force,
+            fuse_siblings=fuse_siblings,
+            allow_nonfinite=allow_nonfinite,
+        )
+    b, a = report["before"], report["after"]
+    display.out.print(
+        f"wrote {output} (+ {click.format_filename(output)}.json): {b['nodes']} -> {a['nodes']} nodes, "
+        f"LoRA inputs {b['lora_inputs']} -> {a['lora_inputs']}"
+    )
+    for note in report["notes"]:
+        display.out.print(f"note: {note}")
+    if show_report:
+        _print_report(report)
+    if bench:
+        with steps(f"timing before/after (ONNX Runtime CPU, batch {batch}, seq {seq_len})"):
+            timing = measure_graphs({"before": graph, "after": output}, batch=batch, seq=seq_len)
+        meas = timing.pop("_measurement")
+        r = meas.ratio("after", "before")
+        display.table(
+            "latency (ms)",
+            ["graph", "p50", "p90", "p99"],
+            [[k, v["p50"], v["p90"], v["p99"]] for k, v in timing.items()],
+            caption=f"after/before median ratio {r.value:.3f} (paired {r.paired:.3f})",
+        )
+        report["bench"] = {**timing, "ratio_after_before": r.to_dict()}
+    write_json_report(json_path, report)
+
+
+def _print_report(report: dict) -> None:
+    b, a = report["before"], report["after"]
+    ops = sorted(set(b["ops"]) | set(a["ops"]))
+    rows = [[op, b["ops"].get(op, 0), a["ops"].get(op, 0)] for op in ops if b["ops"].get(op) or a["ops"].get(op)]
+    rows.append(["total", b["nodes"], a["nodes"]])
+    display.table("nodes by op type", ["op", "before", "after"], rows)
+    display.table(
+        "graph",
+        ["", "before", "after"],
+        [
+            ["initializers", b["initializers"], a["initializers"]],
+            ["initializer bytes", b["initializer_bytes"], a["initializer_bytes"]],
+            ["LoRA inputs", b["lora_inputs"], a["lora_inputs"]],
+            ["LoRA nodes", b["lora"]["nodes"], a["lora"]["nodes"]],
+            ["LoRA MatMuls", b["lora"]["matmuls"], a["lora"]["matmuls"]],
+        ],
+    )
+    display.table(
+        "passes",
+        ["pass", "modified", "seconds"],
+        [[p["pass"], p["modified"], p["seconds"]] for p in report["passes"]],
+    )

@@ -1,0 +1,28 @@
+"""LoRA-aware, name-preserving graph optimization passes (onnx-ir), one pass a file, plus the pipeline.
+
+Every pass keeps the LoRA tensor name contract (see `contract.py`); `pipeline.optimize_file` chains them.
+"""
+
+from lora_export.passes.bake import BakeAdapterPass
+from lora_export.passes.cleanup import CleanupPass
+from lora_export.passes.contract import ContractError, check_preserved, snapshot
+from lora_export.passes.fp16 import Float16Pass
+from lora_export.passes.ort_fusion import OrtFusionPass
+from lora_export.passes.pipeline import PipelineOptions, optimize_file, optimize_model
+from lora_export.passes.scale_fold import FoldLoraScalePass
+from lora_export.passes.sibling_fusion import FuseSiblingBranchesPass
+
+__all__ = [
+    "BakeAdapterPass",
+    "CleanupPass",
+    "ContractError",
+    "Float16Pass",
+    "FoldLoraScalePass",
+    "FuseSiblingBranchesPass",
+    "OrtFusionPass",
+    "PipelineOptions",
+    "check_preserved",
+    "optimize_file",
+    "optimize_model",
+    "snapshot",
+]

@@ -1,0 +1,93 @@
+"""Regenerate the committed reference graphs in graphs/ (tiny GPT-2 sample), deterministically.
+
+    python tools/regen_graphs.py            # rewrite graphs/
+    python tools/regen_graphs.py --check    # regenerate into a temp dir, compare with graphs/, exit 1 if not equal
+
+Everything is seeded (the sample's weights, the adapter, the export's example inputs). Graphs are compared
+byte for byte; the JSON manifests beside them hold timestamps and versions, so they are not committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+GRAPHS = ROOT / "graphs"
+SEED = 0
+RANK, ALPHA = 4, 8.0
+FILES = [
+    "adapter.onnx_adapter",
+    "merged.onnx",
+    "merged.opt.onnx",
+    "branched_inputs.onnx",
+    "branched_inputs.opt.onnx",
+    "branched_bank.onnx",
+    "branched_bank.opt.onnx",
+]
+
+
+def regenerate(out: Path) -> list[Path]:
+    """Write the reference graphs into `out` (manifests go to a scratch dir); returns the files written."""
+    import torch
+
+    from lora_export.adapters.pack import pack_adapter
+    from lora_export.adapters.random import random_adapter
+    from lora_export.adapters.spec import LoraSpec
+    from lora_export.export.branched import export_branched
+    from lora_export.export.merged import export_merged
+    from lora_export.models import load_model
+    from lora_export.passes.pipeline import optimize_file
+
+    torch.manual_seed(SEED)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model("sample:gpt2")
+    adapter = random_adapter(
+        loaded.module, LoraSpec(r=RANK, alpha=ALPHA, target_modules=["c_attn"]), seed=SEED, name="reference"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pack_adapter(adapter, tmp / "adapter.onnx_adapter")
+        export_merged(loaded, adapter, tmp / "merged.onnx")
+        export_branched(loaded, tmp / "branched_inputs.onnx", adapters=[adapter], layout="inputs")
+        export_branched(loaded, tmp / "branched_bank.onnx", adapters=[adapter], layout="bank", max_rank=8)
+        for stem in ("merged", "branched_inputs", "branched_bank"):
+            optimize_file(tmp / f"{stem}.onnx", tmp / f"{stem}.opt.onnx")
+        written = []
+        for name in FILES:
+            (out / name).write_bytes((tmp / name).read_bytes())
+            written.append(out / name)
+    return written
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    """Names of reference files that differ between two directories."""
+    return [
+        n
+        for n in FILES
+        if not (a / n).is_file() or not (b / n).is_file() or (a / n).read_bytes() != (b / n).read_bytes()
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare a fresh regeneration with graphs/")
+    parser.add_argument("--out", type=Path, default=GRAPHS)
+    args = parser.parse_args(argv)
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            regenerate(Path(tmp))
+            diff = compare(Path(tmp), args.out)
+        print("identical" if not diff else f"differ: {', '.join(diff)}")
+        return 1 if diff else 0
+    for p in regenerate(args.out):
+        print(f"wrote {p.relative_to(ROOT) if p.is_relative_to(ROOT) else p} ({p.stat().st_size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
