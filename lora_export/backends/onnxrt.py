@@ -70,3 +70,32 @@ class OrtRunner:
     def infer(self, feeds: Feeds, run_options=None) -> dict[str, np.ndarray]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds, run_options)))
+
+    # -- latency harness (lora_export.verify.latency): inputs prepared outside the timed region ---------------
+    def _device(self) -> tuple[str, int]:
+        providers = self.session.get_providers() if self.session is not None else []
+        return ("cuda", 0) if providers and providers[0] == "CUDAExecutionProvider" else ("cpu", 0)
+
+    def prepare(self, feeds: Feeds, run_options=None):
+        """Feeds as `OrtValue`s on the session's device (dtype-cast to the graph's), ready for `run_prepared`."""
+        import onnxruntime as ort
+
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        types.update({i.name: i.type for i in self.session.get_overridable_initializers()})
+        device, device_id = self._device()
+        values = {}
+        for k, v in feeds.items():
+            if k not in self.input_names:
+                continue
+            v = np.ascontiguousarray(v)
+            if types.get(k) == "tensor(float16)" and v.dtype == np.float32:
+                v = v.astype(np.float16)
+            values[k] = ort.OrtValue.ortvalue_from_numpy(v, device, device_id)
+        return values, run_options
+
+    def run_prepared(self, handle) -> None:
+        values, run_options = handle
+        self.session.run_with_ort_values(self.output_names, values, run_options)
+
+    def synchronize(self) -> None:
+        """`run_with_ort_values` returns once the outputs are computed; nothing is left in flight."""

@@ -38,11 +38,29 @@ class TorchRunner:
     def __exit__(self, *exc) -> None:
         self.model = None
 
-    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+    def _tensors(self, feeds: Feeds) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in self.model.input_names:
             t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.device)
             tensors[name] = t.to(self.dtype) if t.is_floating_point() else t
+        return tensors
+
+    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        tensors = self._tensors(feeds)
         with torch.no_grad():
             outs = call_model(self.model, tensors)
         return {n: o.detach().float().cpu().numpy() for n, o in zip(self.model.output_names, outs)}
+
+    # -- latency harness (lora_export.verify.latency): inputs prepared outside the timed region ---------------
+    def prepare(self, feeds: Feeds) -> dict[str, torch.Tensor]:
+        """Input tensors already on the device and in the runner's dtype."""
+        return self._tensors(feeds)
+
+    def run_prepared(self, handle: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            call_model(self.model, handle)
+
+    def synchronize(self) -> None:
+        """Wait for queued CUDA kernels (the timed region must end with the work done)."""
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize(self.device)

@@ -1,4 +1,4 @@
-"""verify."""
+"""verify: one backend against another on seeded inputs and shapes, per-output tolerances, adapter effect."""
 
 from __future__ import annotations
 
@@ -13,14 +13,34 @@ from lora_export.cli.options import (
     parse_ints,
     parse_per_output,
     parse_shapes,
-    progress_steps,
     write_json_report,
 )
+from lora_export.errors import UserError
+
+BACKEND_CHOICES = click.Choice(["torch", "ort", "trt"])
+
+
+def sweep_shapes(shapes: str | None, batches: str | None, seqs: str | None) -> list[tuple[int, int]] | None:
+    """`--shapes 2x16,3x7`, plus the cartesian product of `--batch` x `--seq-len` lists when given."""
+    out = list(parse_shapes(shapes) or [])
+    if batches or seqs:
+        bs = parse_ints(batches or "2", "--batch")
+        ss = parse_ints(seqs or "16", "--seq-len")
+        out += [(b, s) for b in bs for s in ss]
+    bad = [f"{b}x{s}" for b, s in out if b < 1 or s < 1]
+    if bad:
+        raise UserError(f"shapes {', '.join(bad)}: batch and sequence length must be at least 1")
+    return out or None
 
 
 @cli.command("verify")
 @model_argument
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="The exported graph.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, help="The exported graph (ort).")
+@click.option("--engine", "engine_path", type=click.Path(dir_okay=False), default=None, help="A TensorRT plan (trt).")
+@click.option("--reference", type=BACKEND_CHOICES, default="torch", show_default=True, help="Reference backend.")
+@click.option(
+    "--candidate", type=BACKEND_CHOICES, default=None, help="Candidate backend [default: trt with --engine, else ort]."
+)
 @click.option(
     "--adapter", "adapters", multiple=True, help="Adapter(s): one for merged/inputs graphs, several for bank."
 )
@@ -28,35 +48,77 @@ from lora_export.cli.options import (
 @click.option("--rtol", multiple=True, help="Relative tolerance, NAME:VALUE or VALUE. Repeatable.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated input seeds.")
 @click.option("--shapes", default=None, help="BATCHxSEQ list, e.g. 2x16,3x7,1x23 (the default).")
+@click.option("--batch", "batches", default=None, help="Shape sweep: comma list of batch sizes (x --seq-len).")
+@click.option("--seq-len", "seqs", default=None, help="Shape sweep: comma list of sequence lengths (x --batch).")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider(s).")
 @click.option("--no-effect-check", is_flag=True, help="Do not require the adapter to visibly change the outputs.")
+@click.option(
+    "--save-inputs",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory to keep failing cases in (inputs and both outputs, .npz) for reproduction.",
+)
 @json_option
 @nonfinite_option
-@progress_steps
 def verify(
-    model, onnx_path, adapters, atol, rtol, seeds, shapes, providers, no_effect_check, json_path, allow_nonfinite, steps
+    model,
+    onnx_path,
+    engine_path,
+    reference,
+    candidate,
+    adapters,
+    atol,
+    rtol,
+    seeds,
+    shapes,
+    batches,
+    seqs,
+    providers,
+    no_effect_check,
+    save_inputs,
+    json_path,
+    allow_nonfinite,
 ):
-    """Compare ONNX Runtime on the graph with the PyTorch reference (adapter unmerged, PEFT's semantics).
+    """Compare two backends (default: ONNX Runtime on --onnx against PyTorch with the adapter unmerged).
 
-    Exit code 0 when every output on every input set is within tolerance, 1 otherwise.
+    Backends: torch (PEFT's forward), ort (--onnx), trt (--engine; its LoRA slots come from --onnx).
+    Exit code 0 when every output on every input set is within tolerance and the adapter visibly changes
+    the outputs, 1 otherwise; 3 when TensorRT or a GPU is missing.
     """
-    with steps(f"loading {model}"):
-        loaded = api.as_model(model)
-        ads = [api.as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
-    with steps("running ONNX Runtime and PyTorch"):
-        report = api.verify(
+    from lora_export.verify.check import verify_backends
+
+    candidate = candidate or ("trt" if engine_path else "ort")
+    if "ort" in (reference, candidate) and onnx_path is None:
+        raise UserError("the ort backend needs the graph: pass --onnx PATH")
+    if "trt" in (reference, candidate) and engine_path is None:
+        raise UserError("the trt backend needs an engine: pass --engine PLAN (see build-engine)")
+    loaded = api.as_model(model)
+    ads = [api.as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    seed_list = parse_ints(seeds, "--seeds")
+    shape_list = sweep_shapes(shapes, batches, seqs)
+    from lora_export.cli.bench import _progress
+
+    with _progress() as progress:
+        report = verify_backends(
             loaded,
-            onnx_path,
-            adapters=ads,
+            ads,
+            reference=reference,
+            candidate=candidate,
+            onnx_path=onnx_path,
+            engine_path=engine_path,
             atol=parse_per_output(atol, "--atol"),
             rtol=parse_per_output(rtol, "--rtol"),
-            seeds=parse_ints(seeds, "--seeds"),
-            shapes=parse_shapes(shapes),
+            seeds=seed_list,
+            shapes=shape_list,
             providers=list(providers) or None,
             check_effect=not no_effect_check,
+            save_inputs=save_inputs,
+            on_case=lambda d, n: progress(f"{candidate} vs {reference}", d, n),
         )
     write_json_report(json_path, report.to_dict())
     display.parity_table(report)
+    if report.artifacts:
+        display.err.print(f"failing inputs kept in {save_inputs} ({len(report.artifacts)} files)")
     if not report.passed:
         display.err.print("[red]verification failed[/red]")
         raise click.exceptions.Exit(1)

@@ -1,24 +1,32 @@
-"""Verify an exported graph against the PyTorch reference on several seeded input sets.
+"""Verify one backend against another (Polygraphy-style) on several seeded input sets and shapes.
 
-The reference is the model with the adapter resident and unmerged (PEFT's forward). Merged graphs are
-run as they are; branched graphs get the adapter's contract tensors as feeds; bank graphs get a batch
-whose rows cycle through the adapters and "no adapter", each row compared with its own reference.
+Backends: `torch` (the model with the adapter resident and unmerged: PEFT's forward), `ort` (ONNX Runtime
+on an exported graph), `trt` (a TensorRT engine, when TensorRT and a GPU exist). Merged graphs run as they
+are; branched graphs get the adapter's contract tensors as feeds; bank graphs get a batch whose rows
+cycle through the adapters and "no adapter", and the PyTorch side composes each row from its own adapter.
+
+Besides parity, the adapter-effect check requires the adapter to move the outputs well above the parity
+error, so an adapter silently dropped somewhere cannot pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.backends.onnxrt import OrtRunner
 from lora_export.backends.torch_runner import TorchRunner
-from lora_export.errors import UserError
+from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
 from lora_export.runtime.slots import GraphSlots, adapter_feeds, bank_feeds
 from lora_export.verify.parity import ParityReport, adapter_effect, compare_outputs
 
+BACKENDS = ("torch", "ort", "trt")
 DEFAULT_SHAPES = [(2, 16), (3, 7), (1, 23)]  # the export's example shape, then two others
 
 
@@ -28,6 +36,7 @@ def make_feeds(loaded: LoadedModel, batch: int, seq: int, seed: int) -> dict[str
 
 def _cast_for(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     types = {i.name: i.type for i in session.get_inputs()}
+    types.update({i.name: i.type for i in session.get_overridable_initializers()})
     out = {}
     for k, v in feeds.items():
         if types.get(k) == "tensor(float16)" and v.dtype == np.float32:
@@ -38,6 +47,233 @@ def _cast_for(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def graph_dtype(session) -> str:
     return "fp16" if any(o.type == "tensor(float16)" for o in session.get_outputs()) else "fp32"
+
+
+def onnx_dtype(path: str | Path) -> str:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return (
+        "fp16" if any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in model.graph.output) else "fp32"
+    )
+
+
+def load_trt_runner_class():
+    """`TrtRunner`, or a one-line MissingDependencyError (exit 3) when the TensorRT backend cannot run here."""
+    try:
+        from lora_export.backends.trt import TrtRunner
+        from lora_export.engines import _trt
+    except MissingDependencyError:
+        raise
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the TensorRT backend is not available ({e}): pip install 'lora-export[gpu]' on a machine with a GPU"
+        ) from None
+    reason = _trt.unavailable_reason()
+    if reason:
+        raise MissingDependencyError(reason)
+    return TrtRunner
+
+
+# -- sides: one backend, entered, turning model inputs (+ row assignment) into outputs ------------------------
+
+
+@dataclass
+class TorchSide:
+    """PyTorch eager with each adapter resident (unmerged); per-row composition for bank comparisons."""
+
+    loaded: LoadedModel
+    adapters: list[Adapter]
+    label: str = "torch"
+    slots: GraphSlots | None = None
+    dtype: str = "fp32"
+    runners: list[TorchRunner] = field(default_factory=list)
+
+    def __enter__(self) -> TorchSide:
+        self.runners = [TorchRunner(self.loaded, a).__enter__() for a in self.adapters]
+        self.base = TorchRunner(self.loaded, None).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for r in [*self.runners, self.base]:
+            r.__exit__(None, None, None)
+
+    def outputs(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
+        if rows is None:
+            return (self.runners[0] if self.runners else self.base).infer(feeds)
+        per_runner: dict[int, dict[str, np.ndarray]] = {}
+        out: dict[str, np.ndarray] = {}
+        for i, idx in enumerate(rows):
+            runner = self.runners[idx] if idx >= 0 else self.base
+            if id(runner) not in per_runner:
+                per_runner[id(runner)] = runner.infer(feeds)
+            for name, value in per_runner[id(runner)].items():
+                out.setdefault(name, np.empty_like(value))[i] = value[i]
+        return out
+
+    def base_outputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.base.infer(feeds)
+
+
+@dataclass
+class GraphSide:
+    """An exported graph on ONNX Runtime or TensorRT; the adapters become LoRA feeds per the graph's layout."""
+
+    runner: Any
+    slots: GraphSlots
+    adapters: list[Adapter]
+    label: str
+    dtype: str = "fp32"
+    session: Any = None  # ORT session, for input dtype casts
+
+    def __enter__(self) -> GraphSide:
+        self.runner.__enter__()
+        self.session = getattr(self.runner, "session", None)
+        if self.session is not None:
+            self.slots = GraphSlots.from_session(self.session)
+            self.dtype = graph_dtype(self.session)
+        self.extra = _lora_feeds(self.slots, self.adapters)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.runner.__exit__(None, None, None)
+
+    def feeds_for(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
+        full = {**feeds, **self.extra}
+        if rows is not None and self.slots.layout == "bank":
+            full["adapter_index"] = np.array(rows, dtype=np.int64)
+        return _cast_for(self.session, full) if self.session is not None else full
+
+    def outputs(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
+        return self.runner.infer(self.feeds_for(feeds, rows))
+
+
+def _check_layout(slots: GraphSlots, adapters: list[Adapter]) -> None:
+    if slots.layout == "merged" and len(adapters) > 1:
+        raise UserError("a merged graph holds one adapter: give at most one --adapter")
+    if slots.layout == "inputs" and len(adapters) > 1:
+        raise UserError("verify one adapter at a time on an inputs-layout graph (or use a bank graph)")
+
+
+def open_side(
+    backend: str,
+    loaded: LoadedModel,
+    adapters: list[Adapter],
+    *,
+    onnx_path: str | Path | None = None,
+    engine_path: str | Path | None = None,
+    providers: list[str] | None = None,
+):
+    """A side for `backend` (not yet entered). Graph sides need `onnx_path` (ort) or `engine_path` (trt)."""
+    if backend == "torch":
+        return TorchSide(loaded, list(adapters))
+    if backend == "ort":
+        from lora_export.backends.onnxrt import OrtRunner
+
+        if onnx_path is None:
+            raise UserError("the ort backend needs the graph: pass --onnx PATH")
+        return GraphSide(
+            OrtRunner(onnx_path, providers), GraphSlots("merged"), list(adapters), f"ort:{Path(onnx_path).name}"
+        )
+    if backend == "trt":
+        if engine_path is None:
+            raise UserError("the trt backend needs an engine: pass --engine PLAN (see build-engine)")
+        runner_cls = load_trt_runner_class()
+        # an engine's LoRA slots are those of the graph it was built from (give --onnx), else merged
+        slots = GraphSlots.from_onnx(onnx_path) if onnx_path is not None else GraphSlots("merged")
+        dtype = onnx_dtype(onnx_path) if onnx_path is not None else "fp32"
+        return GraphSide(runner_cls(engine_path), slots, list(adapters), f"trt:{Path(engine_path).name}", dtype)
+    raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def _label_slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_")
+
+
+def save_case(
+    directory: str | Path,
+    label: str,
+    feeds: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    got: dict[str, np.ndarray],
+) -> list[str]:
+    """Keep a failing case for reproduction: `<case>.inputs.npz` (every feed) and `<case>.outputs.npz`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    stem = _label_slug(label) or "case"
+    inputs, outputs = d / f"{stem}.inputs.npz", d / f"{stem}.outputs.npz"
+    np.savez(inputs, **feeds)
+    np.savez(outputs, **{f"reference.{k}": v for k, v in ref.items()}, **{f"candidate.{k}": v for k, v in got.items()})
+    return [str(inputs), str(outputs)]
+
+
+def verify_backends(
+    loaded: LoadedModel,
+    adapters: list[Adapter],
+    *,
+    reference: str = "torch",
+    candidate: str = "ort",
+    onnx_path: str | Path | None = None,
+    engine_path: str | Path | None = None,
+    shapes: list[tuple[int, int]] | None = None,
+    seeds: list[int] = (0,),
+    atol: dict[str, float] | None = None,
+    rtol: dict[str, float] | None = None,
+    providers: list[str] | None = None,
+    check_effect: bool = True,
+    save_inputs: str | Path | None = None,
+    candidate_adapters: list[Adapter] | None = None,
+    on_case=None,
+) -> ParityReport:
+    """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
+
+    `candidate_adapters` overrides what the candidate is fed (default: `adapters`); tests use it to show that
+    a dropped adapter fails. `on_case(done, total)` is called after each case (progress bars).
+    """
+    if reference == candidate:
+        raise UserError(f"reference and candidate are both {reference!r}: compare two different backends")
+    shapes = shapes or DEFAULT_SHAPES
+    adapters = list(adapters)
+    cand_adapters = adapters if candidate_adapters is None else list(candidate_adapters)
+    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers)
+    with contextlib.ExitStack() as stack:
+        ref_side = stack.enter_context(open_side(reference, loaded, adapters, **kw))
+        cand_side = stack.enter_context(open_side(candidate, loaded, cand_adapters, **kw))
+        graph_sides = [s for s in (ref_side, cand_side) if isinstance(s, GraphSide)]
+        for s in graph_sides:
+            _check_layout(s.slots, adapters)
+        bank = next((s.slots for s in graph_sides if s.slots.layout == "bank"), None)
+        dtype = "fp16" if any(s.dtype == "fp16" for s in graph_sides) else "fp32"
+        truth = ref_side if isinstance(ref_side, TorchSide) else None
+        if truth is None and adapters and check_effect:
+            truth = stack.enter_context(TorchSide(loaded, adapters))
+        report = ParityReport(reference=ref_side.label, candidate=cand_side.label)
+        worst_err, effects = 0.0, []
+        total, done = len(seeds) * len(shapes), 0
+        for seed in seeds:
+            for batch, seq in shapes:
+                feeds = make_feeds(loaded, batch, seq, seed)
+                rows = _row_assignment(bank, adapters, batch)
+                ref = ref_side.outputs(feeds, rows)
+                got = cand_side.outputs(feeds, rows)
+                label = f"seed={seed} batch={batch} seq={seq}"
+                case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label)
+                report.cases.append(case)
+                worst_err = max([worst_err] + [o.max_abs for o in case.outputs if np.isfinite(o.max_abs)])
+                if adapters and check_effect and truth is not None:
+                    with_adapter = ref if truth is ref_side else truth.outputs(feeds, rows)
+                    effects.append((with_adapter, truth.base_outputs(feeds)))
+                if save_inputs is not None and not case.passed:
+                    fed = cand_side.feeds_for(feeds, rows) if isinstance(cand_side, GraphSide) else feeds
+                    report.artifacts += save_case(save_inputs, label, fed, ref, got)
+                done += 1
+                if on_case is not None:
+                    on_case(done, total)
+        if effects:
+            report.checks["adapter_effect"] = max(
+                (adapter_effect(w, b, worst_err) for w, b in effects), key=lambda e: e["effect_max_abs"]
+            )
+    return report
 
 
 def verify_graph(
@@ -52,46 +288,20 @@ def verify_graph(
     providers: list[str] | None = None,
     check_effect: bool = True,
 ) -> ParityReport:
-    shapes = shapes or DEFAULT_SHAPES
-    with OrtRunner(onnx_path, providers) as ort_runner:
-        session = ort_runner.session
-        slots = GraphSlots.from_session(session)
-        dtype = graph_dtype(session)
-        if slots.layout == "merged" and len(adapters) > 1:
-            raise UserError("a merged graph holds one adapter: give at most one --adapter")
-        if slots.layout == "inputs" and len(adapters) > 1:
-            raise UserError("verify one adapter at a time on an inputs-layout graph (or use a bank graph)")
-        report = ParityReport(reference="torch", candidate=f"ort:{Path(onnx_path).name}")
-        refs = [TorchRunner(loaded, a) for a in adapters] + [TorchRunner(loaded, None)]
-        for r in refs:
-            r.__enter__()
-        try:
-            extra = _lora_feeds(slots, adapters)
-            worst_err, effect_pairs = 0.0, []
-            for seed in seeds:
-                for batch, seq in shapes:
-                    feeds = make_feeds(loaded, batch, seq, seed)
-                    rows = _row_assignment(slots, adapters, batch)
-                    ref = _reference(refs, feeds, rows)
-                    if rows is not None:
-                        feeds = {**feeds, "adapter_index": np.array(rows, dtype=np.int64)}
-                    got = ort_runner.infer(_cast_for(session, {**feeds, **extra}))
-                    case = compare_outputs(
-                        ref, got, dtype=dtype, atol=atol, rtol=rtol, label=f"seed={seed} batch={batch} seq={seq}"
-                    )
-                    report.cases.append(case)
-                    worst_err = max([worst_err] + [o.max_abs for o in case.outputs])
-                    if adapters:
-                        effect_pairs.append((ref, refs[-1].infer(feeds)))
-            if adapters and check_effect:
-                effect = max(
-                    (adapter_effect(r, b, worst_err) for r, b in effect_pairs), key=lambda e: e["effect_max_abs"]
-                )
-                report.checks["adapter_effect"] = effect
-        finally:
-            for r in refs:
-                r.__exit__(None, None, None)
-    return report
+    """ONNX Runtime on `onnx_path` against the PyTorch reference (the export path's check)."""
+    return verify_backends(
+        loaded,
+        adapters,
+        reference="torch",
+        candidate="ort",
+        onnx_path=onnx_path,
+        shapes=shapes,
+        seeds=seeds,
+        atol=atol,
+        rtol=rtol,
+        providers=providers,
+        check_effect=check_effect,
+    )
 
 
 def _lora_feeds(slots: GraphSlots, adapters: list[Adapter]) -> dict[str, np.ndarray]:
@@ -102,23 +312,9 @@ def _lora_feeds(slots: GraphSlots, adapters: list[Adapter]) -> dict[str, np.ndar
     return {}
 
 
-def _row_assignment(slots: GraphSlots, adapters: list[Adapter], batch: int) -> list[int] | None:
+def _row_assignment(bank: GraphSlots | None, adapters: list[Adapter], batch: int) -> list[int] | None:
     """Bank graphs: row i uses adapter i mod (N+1), where N means "no adapter" (-1)."""
-    if slots.layout != "bank":
+    if bank is None:
         return None
     n = len(adapters)
     return [(i % (n + 1)) if (i % (n + 1)) < n else -1 for i in range(batch)]
-
-
-def _reference(refs: list[TorchRunner], feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
-    if rows is None:
-        return refs[0].infer(feeds)
-    per_adapter = {}
-    out: dict[str, np.ndarray] = {}
-    for i, idx in enumerate(rows):
-        runner = refs[idx] if idx >= 0 else refs[-1]
-        if id(runner) not in per_adapter:
-            per_adapter[id(runner)] = runner.infer(feeds)
-        for name, value in per_adapter[id(runner)].items():
-            out.setdefault(name, np.empty_like(value))[i] = value[i]
-    return out

@@ -42,6 +42,7 @@ class ParityReport:
     candidate: str
     cases: list[CaseReport] = field(default_factory=list)
     checks: dict[str, dict] = field(default_factory=dict)  # named extra checks (adapter effect, ...)
+    artifacts: list[str] = field(default_factory=list)  # files kept for reproduction (--save-inputs)
 
     @property
     def passed(self) -> bool:
@@ -63,7 +64,41 @@ class ParityReport:
                 {"label": c.label, "passed": c.passed, "outputs": [asdict(o) for o in c.outputs]} for c in self.cases
             ],
             "checks": self.checks,
+            "summary": self.summary(),
+            "artifacts": list(self.artifacts),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ParityReport:
+        cases = [CaseReport(c["label"], [OutputStats(**o) for o in c["outputs"]]) for c in d.get("cases", [])]
+        return cls(d["reference"], d["candidate"], cases, dict(d.get("checks", {})), list(d.get("artifacts", [])))
+
+    def summary(self) -> dict[str, dict]:
+        """Per output, over every case: worst max abs / max rel / mean abs, lowest cosine and top-1, pass count."""
+        out: dict[str, dict] = {}
+        for c in self.cases:
+            for o in c.outputs:
+                s = out.setdefault(
+                    o.name,
+                    {
+                        "max_abs": 0.0,
+                        "max_rel": 0.0,
+                        "mean_abs": 0.0,
+                        "cosine": 1.0,
+                        "top1": None,
+                        "passed": 0,
+                        "cases": 0,
+                    },
+                )
+                s["max_abs"] = max(s["max_abs"], o.max_abs)
+                s["max_rel"] = max(s["max_rel"], o.max_rel)
+                s["mean_abs"] = max(s["mean_abs"], o.mean_abs)
+                s["cosine"] = min(s["cosine"], o.cosine)
+                if o.top1_agreement is not None:
+                    s["top1"] = o.top1_agreement if s["top1"] is None else min(s["top1"], o.top1_agreement)
+                s["passed"] += int(o.passed)
+                s["cases"] += 1
+        return out
 
 
 def compare_output(name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputStats:
@@ -160,7 +195,14 @@ def adapter_effect(
         "parity_max_abs": parity_error,
         "factor": factor,
         "passed": passed,
-        "reason": ""
-        if passed
-        else "the adapter barely changes the reference outputs: a dropped adapter would pass unnoticed (is B zero?)",
+        "reason": "" if passed else _effect_reason(effect, parity_error, factor),
     }
+
+
+def _effect_reason(effect: float, parity_error: float, factor: float) -> str:
+    if effect <= 1e-6:
+        return "the adapter does not change the reference outputs at all (is B zero?): a dropped adapter would pass"
+    return (
+        f"the adapter's effect ({effect:.3g}) is not {factor:g}x the parity error ({parity_error:.3g}): "
+        "the candidate may have dropped the adapter, or it is too small to tell apart"
+    )
