@@ -178,13 +178,13 @@ def run_suite(args) -> Suite:
     slots = GraphSlots.from_onnx(work / "branched.onnx")
     lora_x = adapter_feeds(x, slots)
     runners = {
-        "ort/base": OrtRunner(work / "base.onnx", threads=args.threads),
-        "ort/merged": OrtRunner(work / "merged.onnx", threads=args.threads),
-        "ort/branched+adapter": OrtRunner(work / "branched.onnx", threads=args.threads),
+        "ort/base": OrtRunner(work / "base.onnx", threads=args.threads, spinning=False),
+        "ort/merged": OrtRunner(work / "merged.onnx", threads=args.threads, spinning=False),
+        "ort/branched+adapter": OrtRunner(work / "branched.onnx", threads=args.threads, spinning=False),
         "torch/eager": TorchRunner(loaded, None),
     }
     for mode, path in optimized.items():
-        runners[f"ort/{mode}.optimized"] = OrtRunner(path, threads=args.threads)
+        runners[f"ort/{mode}.optimized"] = OrtRunner(path, threads=args.threads, spinning=False)
     extra = {"ort/branched+adapter": lora_x, "ort/branched.optimized": lora_x}
     for r in runners.values():
         r.__enter__()
@@ -203,8 +203,8 @@ def run_suite(args) -> Suite:
     bank_slots = GraphSlots.from_onnx(work / "bank.onnx")
     bank_lora = bank_feeds(adapters, bank_slots)
     index = np.arange(big_batch, dtype=np.int64) % len(adapters)
-    r_bank = OrtRunner(work / "bank.onnx", threads=args.threads).__enter__()
-    r_br = OrtRunner(work / "branched.onnx", threads=args.threads).__enter__()
+    r_bank = OrtRunner(work / "bank.onnx", threads=args.threads, spinning=False).__enter__()
+    r_br = OrtRunner(work / "branched.onnx", threads=args.threads, spinning=False).__enter__()
     cands = [
         Candidate.from_runner(
             "ort/bank4 (mixed rows)",

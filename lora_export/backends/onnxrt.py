@@ -10,13 +10,17 @@ from lora_export.backends import Feeds
 from lora_export.errors import UserError
 
 
-def session_options(threads: int | None = None, optimization: str = "all"):
+def session_options(threads: int | None = None, optimization: str = "all", *, spinning: bool = True):
+    """Session options; `spinning=False` for timing: ORT's intra-op threads otherwise keep spinning after a
+    call returns and slow down whatever is timed next (PyTorch eager, another session) on a small CPU."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # our LoRA inputs-with-defaults are intentional; keep ORT's warning quiet
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -27,7 +31,9 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     return opts
 
 
-def open_session(path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+def open_session(
+    path: str | Path, providers: list[str] | None = None, threads: int | None = None, *, spinning: bool = True
+):
     import onnxruntime as ort
 
     path = Path(path)
@@ -41,7 +47,9 @@ def open_session(path: str | Path, providers: list[str] | None = None, threads: 
             f"ONNX Runtime provider(s) {', '.join(missing)} not available here (have: {', '.join(available)})"
         )
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(threads, spinning=spinning), providers=providers
+        )
     except Exception as e:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
         raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
 
@@ -54,12 +62,14 @@ def feedable_names(session) -> list[str]:
 class OrtRunner:
     name = "ort"
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
-        self.path, self.providers, self.threads = Path(path), providers, threads
+    def __init__(
+        self, path: str | Path, providers: list[str] | None = None, threads: int | None = None, *, spinning: bool = True
+    ):
+        self.path, self.providers, self.threads, self.spinning = Path(path), providers, threads, spinning
         self.session = None
 
     def __enter__(self) -> OrtRunner:
-        self.session = open_session(self.path, self.providers, self.threads)
+        self.session = open_session(self.path, self.providers, self.threads, spinning=self.spinning)
         self.input_names = feedable_names(self.session)
         self.output_names = [o.name for o in self.session.get_outputs()]
         return self

@@ -234,30 +234,6 @@ def graph_feeds(path: str | Path, batch: int, seq: int, *, seed: int = 0, rank: 
     return feeds
 
 
-class _OrtCpu:
-    """A CPU session for interleaved timing, with intra-op thread spinning off: spinning ORT threads keep
-    the cores busy after a call returns and slow down whatever is timed next (PyTorch, another session)."""
-
-    def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        from lora_export.backends.onnxrt import feedable_names, session_options
-
-        opts = session_options(threads)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = set(feedable_names(self.session))
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def prepare(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        import onnxruntime as ort
-
-        return {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items() if k in self.names}
-
-    def run_prepared(self, handle: dict[str, Any]) -> None:
-        self.session.run_with_ort_values(self.outputs, handle)
-
-
 def measure_graphs(
     graphs: dict[str, str | Path],
     *,
@@ -270,11 +246,12 @@ def measure_graphs(
 ) -> dict[str, Any]:
     """ONNX Runtime CPU latency of several graphs (plus `extra` candidates), interleaved in one process by
     `lora_export.verify.latency.measure`; returns stats by name and the `Measurement` under `_measurement`."""
+    from lora_export.backends.onnxrt import OrtRunner
     from lora_export.verify.latency import Candidate, measure
 
     candidates = []
     for name, path in graphs.items():
-        runner = _OrtCpu(path, threads)
+        runner = OrtRunner(path, threads=threads, spinning=False).__enter__()  # spinning off: see session_options
         feed_sets = [graph_feeds(path, batch, seq, seed=s) for s in range(3)]
         candidates.append(Candidate.from_runner(name, runner, feed_sets, tokens=batch * seq))
     candidates += list(extra or [])

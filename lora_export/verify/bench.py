@@ -208,7 +208,7 @@ def build_targets(
                     Target(
                         "ort",
                         mode,
-                        lambda p=path: OrtRunner(p, config.providers, config.threads),
+                        lambda p=path: OrtRunner(p, config.providers, config.threads, spinning=False),
                         _graph_lora_feeds(path, mode, adapter, bank_adapters),
                     )
                 )

@@ -101,34 +101,19 @@ class ParityReport:
         return out
 
 
+def _failed(name: str, shape: list[int], atol: float, rtol: float, reason: str) -> OutputStats:
+    inf = float("inf")
+    return OutputStats(name, shape, inf, inf, inf, 0.0, atol, rtol, False, reason=reason)
+
+
 def compare_output(name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputStats:
     ref64, got64 = np.asarray(ref, dtype=np.float64), np.asarray(got, dtype=np.float64)
     if ref64.shape != got64.shape:
-        return OutputStats(
-            name,
-            list(got64.shape),
-            float("inf"),
-            float("inf"),
-            float("inf"),
-            0.0,
-            atol,
-            rtol,
-            False,
-            reason=f"shape {list(got64.shape)} != reference {list(ref64.shape)}",
+        return _failed(
+            name, list(got64.shape), atol, rtol, f"shape {list(got64.shape)} != reference {list(ref64.shape)}"
         )
     if not np.isfinite(got64).all() and np.isfinite(ref64).all():
-        return OutputStats(
-            name,
-            list(ref64.shape),
-            float("inf"),
-            float("inf"),
-            float("inf"),
-            0.0,
-            atol,
-            rtol,
-            False,
-            reason="non-finite values in the candidate",
-        )
+        return _failed(name, list(ref64.shape), atol, rtol, "non-finite values in the candidate")
     diff = np.abs(got64 - ref64)
     max_abs = float(diff.max()) if diff.size else 0.0
     max_rel = float((diff / np.maximum(np.abs(ref64), 1e-6)).max()) if diff.size else 0.0
@@ -158,20 +143,7 @@ def compare_outputs(
     stats = []
     for name, r in ref.items():
         if name not in got:
-            stats.append(
-                OutputStats(
-                    name,
-                    list(np.shape(r)),
-                    float("inf"),
-                    float("inf"),
-                    float("inf"),
-                    0.0,
-                    d_atol,
-                    d_rtol,
-                    False,
-                    reason="missing from the candidate's outputs",
-                )
-            )
+            stats.append(_failed(name, list(np.shape(r)), d_atol, d_rtol, "missing from the candidate's outputs"))
             continue
         stats.append(
             compare_output(
