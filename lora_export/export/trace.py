@@ -103,6 +103,7 @@ def trace(
     ) + tuple({d: dim_for(lbl) for d, lbl in e.dynamic.items()} for e in extra)
     program = _export(wrapper, args, loaded, extra, dynamic, opset)
     model = program.model
+    _drop_stack_traces(model)
     rename_initializers(model)
     _restore_dim_names(model, loaded, extra)
     protected = set(model.graph.initializers) | {e.name for e in extra}
@@ -111,6 +112,13 @@ def trace(
         if e.default is not None:
             _add_default(model, e.name, e.default)
     return model
+
+
+def _drop_stack_traces(model: ir.Model) -> None:
+    """The exporter records Python stack traces (with local file paths) on every node: keep graphs free of
+    where they were built, so the same inputs give the same bytes on any machine."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
 def _py_ident(label: str) -> str:
