@@ -105,9 +105,15 @@ def make_adapter(
 
 
 def pack_adapter(
-    adapter: AdapterLike, out: str | Path, *, dtype: str = "fp32", graph: str | Path | None = None, force: bool = False
+    adapter: AdapterLike,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    graph: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
+    from lora_export.adapters.pack import PACK_SUFFIXES
     from lora_export.adapters.pack import pack_adapter as _pack
 
-    out = check_output_path(out, force)
+    out = check_output_path(out, force, PACK_SUFFIXES)
     return _pack(as_adapter(adapter), out, dtype=dtype, graph=graph)

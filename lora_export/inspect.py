@@ -61,11 +61,10 @@ def inspect_model(module, arch: str, source: str, default_targets: list[str] | N
 
 
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
-    import onnx
 
     from lora_export.runtime.slots import GraphSlots
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx_header(path)
     slots = GraphSlots.from_onnx(path)
     ops: dict[str, int] = {}
     for n in model.graph.node:
@@ -90,6 +89,21 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     if mp.exists():
         info["manifest"] = read_json(mp)
     return info
+
+
+def load_onnx_header(path: str | Path):
+    """The graph without external weights; a missing or corrupt file is a one-line user error."""
+    import onnx
+
+    from lora_export.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise UserError(f"cannot read {path} as ONNX ({type(e).__name__}): is it a complete .onnx file?") from None
 
 
 def _numel(dims) -> int:

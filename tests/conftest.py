@@ -58,6 +58,16 @@ def export_cache(tmp_path_factory, sample_cache):
     return get
 
 
+@pytest.fixture(scope="session")
+def adapter_dir(tmp_path_factory):
+    """A random PEFT adapter for sample:gpt2 written by `make-adapter` (r=4, seed 3)."""
+    from cli_helpers import run
+
+    out = tmp_path_factory.mktemp("cli") / "adapter"
+    run("make-adapter", "sample:gpt2", "-o", out, "--r", "4", "--seed", "3")
+    return out
+
+
 def make_random_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rslora=False, name=None, **spec_kw):
     from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec

@@ -8,35 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from lora_export.cli import cli
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "adapter"
-    result = CliRunner().invoke(cli, ["make-adapter", "sample:gpt2", "-o", str(out), "--r", "4", "--seed", "3"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def run(*args, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def assert_one_line_error(result, pattern: str, code: int = 2):
-    assert result.exit_code == code, (result.exit_code, result.output)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    import re
-
-    assert re.search(pattern, lines[0]), lines[0]
+from cli_helpers import assert_one_line_error, run
 
 
 def no_files_like(folder: Path, name: str) -> bool:

@@ -48,8 +48,13 @@ def write_packed(tensors: dict[str, np.ndarray], out: str | Path) -> Path:
     return out
 
 
-def pack_adapter(adapter: Adapter, out: str | Path, *, dtype: str = "fp32", graph: str | Path | None = None) -> Path:
-    """Pack `adapter`; with `graph`, check it fits that graph's LoRA inputs first (nothing written otherwise)."""
+def pack_adapter(
+    adapter: Adapter, out: str | Path, *, dtype: str | None = None, graph: str | Path | None = None
+) -> Path:
+    """Pack `adapter`; with `graph`, check it fits that graph's LoRA inputs first (nothing written otherwise).
+
+    `dtype` defaults to the graph's LoRA input dtype (ONNX Runtime refuses an adapter of another dtype), or fp32.
+    """
     if graph is not None:
         from lora_export.runtime.slots import GraphSlots
 
@@ -57,4 +62,11 @@ def pack_adapter(adapter: Adapter, out: str | Path, *, dtype: str = "fp32", grap
         if slots.layout != "inputs":
             raise UserError(f"{graph} is a {slots.layout} graph; packed adapters are for inputs-layout graphs")
         slots.check_adapter(adapter)
-    return write_packed(packed_tensors(adapter, dtype), out)
+        graph_dtype = "fp16" if slots.dtype == np.float16 else "fp32"
+        if dtype is not None and dtype != graph_dtype:
+            raise UserError(
+                f"--dtype {dtype} does not match {graph}'s {graph_dtype} LoRA inputs (ONNX Runtime would refuse it): "
+                f"use --dtype {graph_dtype}"
+            )
+        dtype = graph_dtype
+    return write_packed(packed_tensors(adapter, dtype or "fp32"), out)

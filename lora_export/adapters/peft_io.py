@@ -100,6 +100,8 @@ def _read_peft_dir(path: Path) -> Adapter:
 
 
 def spec_from_peft_config(config: dict[str, Any], where: Path | str = "adapter_config.json") -> LoraSpec:
+    if not isinstance(config, dict):
+        raise AdapterError(f"{where}: expected a JSON object (PEFT's LoraConfig), got a {type(config).__name__}")
     peft_type = config.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise AdapterError(f"{where}: peft_type is {peft_type!r}; only LORA adapters are supported")
@@ -110,6 +112,13 @@ def spec_from_peft_config(config: dict[str, Any], where: Path | str = "adapter_c
                 "export this adapter with PEFT or retrain without it"
             )
     targets = config.get("target_modules") or []
+    try:
+        return _spec(config, targets)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{where}: a field has the wrong type ({e}); compare with PEFT's LoraConfig") from None
+
+
+def _spec(config: dict[str, Any], targets: list[str] | str) -> LoraSpec:
     return LoraSpec(
         r=int(config.get("r", 8)),
         alpha=float(config.get("lora_alpha", 8)),
@@ -181,6 +190,11 @@ def _pair_peft_tensors(raw: dict[str, torch.Tensor], spec: LoraSpec, where: Path
     modules = {}
     for path, ab in sorted(_pairs(raw, where).items()):
         a, b = ab["A"], ab["B"]
+        if a.dim() not in (2, 4) or b.dim() != a.dim():
+            raise AdapterError(
+                f"{where}: {path} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not 2-D (Linear) "
+                "or 4-D (Conv2d) weights"
+            )
         if a.shape[0] != b.shape[1]:
             raise AdapterError(
                 f"{where}: {path} lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on the rank"
@@ -263,7 +277,7 @@ def write_peft_adapter(adapter: Adapter, out_dir: str | Path, *, base_model: str
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.A.contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.B.contiguous()
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaceable=(CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
     return out_dir

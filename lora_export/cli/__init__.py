@@ -22,7 +22,10 @@ class _Group(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
+            click.echo(
+                "interrupted: the file being written was discarded (outputs are renamed into place only when complete)",
+                err=True,
+            )
             ctx.exit(130)
 
 

@@ -56,11 +56,14 @@ def make_adapter(model, output, r, alpha, targets, rslora, seed, force):
     default=None,
     help="Check the adapter fits this branched graph's LoRA inputs before writing.",
 )
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: the --graph's LoRA dtype, else fp32."
+)
 @click.option("--force", is_flag=True)
 @nonfinite_option
 def pack_adapter(adapter, output, graph, dtype, force, allow_nonfinite):
     """A PEFT adapter -> contract-layout adapter file ([in, r] A, [r, out] B with the scaling folded)."""
     ad = api.as_adapter(adapter, allow_nonfinite=allow_nonfinite)
     path = api.pack_adapter(ad, output, dtype=dtype, graph=graph, force=force)
-    display.out.print(f"wrote {path}: {len(ad.modules)} modules, ranks {sorted(set(ad.ranks().values()))}, {dtype}")
+    ranks = sorted(set(ad.ranks().values()))
+    display.out.print(f"wrote {path}: {len(ad.modules)} modules, ranks {ranks}")

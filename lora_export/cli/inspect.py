@@ -23,7 +23,7 @@ def inspect(target, base_model, as_json):
     from lora_export.adapters.spec import DEFAULT_TARGETS
 
     path = Path(target)
-    if path.suffix == ".onnx" and path.is_file():
+    if path.suffix == ".onnx":
         info = insp.inspect_onnx(path)
     elif not target.startswith(("sample:", "py:")) and (path.is_file() or (path / "adapter_config.json").exists()):
         base = sum(p.numel() for p in api.as_model(base_model).module.parameters()) if base_model else None

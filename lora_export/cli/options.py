@@ -35,7 +35,9 @@ def shape_options(f):
 
 
 def export_options(f):
-    f = click.option("--opset", type=click.IntRange(17), default=None, help="ONNX opset (default: the exporter's).")(f)
+    f = click.option(
+        "--opset", type=click.IntRange(18, 30), default=None, help="ONNX opset (default: the exporter's)."
+    )(f)
     f = click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)(f)
     f = click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")(f)
     return f

@@ -47,6 +47,8 @@ class LoraSlot:
 
 def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[str] | str | None) -> list[str]:
     """Modules that get a branch: the union of the adapters' modules, else `targets`, else arch defaults."""
+    if adapters and targets is not None:
+        raise UserError("give --adapter or --targets, not both: with adapters, their modules are the LoRA slots")
     if adapters:
         for a in adapters:
             check_fits(loaded.module, a)
@@ -59,7 +61,15 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
         if loaded.arch not in DEFAULT_TARGETS:
             raise UserError(f"no default LoRA targets for {loaded.arch!r}: pass --adapter DIR or --targets NAMES")
         targets = DEFAULT_TARGETS[loaded.arch]
-    return sorted(find_targets(loaded.module, LoraSpec(target_modules=targets)))
+    paths = sorted(find_targets(loaded.module, LoraSpec(target_modules=targets)))
+    modules = unwrap(loaded.module)
+    convs = [p for p in paths if isinstance(modules[p], torch.nn.Conv2d)]
+    if convs:
+        raise UserError(
+            f"{', '.join(convs[:3])} {'is a Conv2d' if len(convs) == 1 else 'are Conv2d'}: branched export supports "
+            "Linear/Conv1D targets; use merge-and-export for Conv2d adapters"
+        )
+    return paths
 
 
 def lora_slots(loaded: LoadedModel, paths: list[str]) -> list[LoraSlot]:

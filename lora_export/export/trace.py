@@ -103,6 +103,11 @@ def trace(
     ) + tuple({d: dim_for(lbl) for d, lbl in e.dynamic.items()} for e in extra)
     program = _export(wrapper, args, loaded, extra, dynamic, opset)
     model = program.model
+    got = model.opset_imports.get("")
+    if opset and got != opset:
+        raise UserError(
+            f"--opset {opset} is not supported by this torch exporter (it produced opset {got}): choose another --opset"
+        )
     _drop_stack_traces(model)
     rename_initializers(model)
     _restore_dim_names(model, loaded, extra)

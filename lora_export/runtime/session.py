@@ -12,6 +12,7 @@ to call from many threads); the resident tables are replaced copy-on-write under
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import threading
 from collections import OrderedDict
@@ -26,17 +27,19 @@ from lora_export.adapters.pack import packed_tensors, write_packed
 from lora_export.adapters.peft_io import read_adapter
 from lora_export.backends.onnxrt import feedable_names, open_session
 from lora_export.errors import AdapterError, UserError
+from lora_export.export.branched import NO_ADAPTER
 from lora_export.runtime.slots import GraphSlots, bank_feeds
 
-NO_ADAPTER = -1
 _BANK_CACHE = 16
 
 
 @dataclass
 class _Resident:
     adapter: Adapter
+    generation: int  # unique per load: bank caches are keyed on it, so a reloaded name never hits stale banks
     ort_adapter: Any = None  # onnxruntime.LoraAdapter, inputs layout
     feeds: dict[str, Any] | None = None  # OrtValues, the fallback when LoraAdapter is not usable
+    file: Path | None = None  # the packed .onnx_adapter behind `ort_adapter`
 
 
 class LoraSession:
@@ -54,10 +57,12 @@ class LoraSession:
         if self.slots.layout == "merged":
             raise UserError(f"{self.path} has no LoRA inputs: open a graph made by export-branched")
         self.input_names = set(feedable_names(self.session))
+        self.model_inputs = {i.name for i in self.session.get_inputs()} - {"adapter_index"}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._resident: dict[str, _Resident] = {}
         self._lock = threading.Lock()
-        self._bank_cache: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+        self._bank_cache: OrderedDict[tuple[tuple[str, int], ...], dict[str, Any]] = OrderedDict()
+        self._generations = itertools.count()
         self._use_ort_adapters = use_ort_adapters
         self._tmp = tempfile.TemporaryDirectory(prefix="lora_session_")
 
@@ -72,26 +77,28 @@ class LoraSession:
             source if isinstance(source, Adapter) else read_adapter(source, name=name, allow_nonfinite=allow_nonfinite)
         )
         self.slots.check_adapter(adapter)
-        resident = _Resident(adapter)
+        resident = _Resident(adapter, next(self._generations))
         if self.layout == "inputs":
-            self._prepare_inputs(name, resident)
+            self._prepare_inputs(resident)
         with self._lock:
+            previous = self._resident.get(name)
             self._resident = {**self._resident, name: resident}
-            self._bank_cache = OrderedDict((k, v) for k, v in self._bank_cache.items() if name not in k)
+            self._drop_cached(name)
+        _release(previous)
         return adapter
 
-    def _prepare_inputs(self, name: str, resident: _Resident) -> None:
+    def _prepare_inputs(self, resident: _Resident) -> None:
         import onnxruntime as ort
 
         dtype = "fp16" if self.slots.dtype == np.float16 else "fp32"
         tensors = packed_tensors(resident.adapter, dtype)
         if self._use_ort_adapters:
             try:
-                path = Path(self._tmp.name) / f"{len(self._resident)}_{abs(hash(name))}.onnx_adapter"
+                path = Path(self._tmp.name) / f"{resident.generation}.onnx_adapter"
                 write_packed(tensors, path)
                 lora = ort.LoraAdapter()
                 lora.Load(str(path))
-                resident.ort_adapter = lora
+                resident.ort_adapter, resident.file = lora, path
                 return
             except Exception:  # older ORT or an unsupported device: fall back to prepared feeds
                 resident.ort_adapter = None
@@ -101,8 +108,14 @@ class LoraSession:
         with self._lock:
             if name not in self._resident:
                 raise UserError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._resident) or 'none'})")
+            previous = self._resident[name]
             self._resident = {k: v for k, v in self._resident.items() if k != name}
-            self._bank_cache = OrderedDict((k, v) for k, v in self._bank_cache.items() if name not in k)
+            self._drop_cached(name)
+        _release(previous)
+
+    def _drop_cached(self, name: str) -> None:
+        """Under the lock: forget bank stacks that hold `name` (they are keyed by (name, generation))."""
+        self._bank_cache = OrderedDict((k, v) for k, v in self._bank_cache.items() if all(n != name for n, _ in k))
 
     def adapters(self) -> list[str]:
         return list(self._resident)
@@ -137,17 +150,18 @@ class LoraSession:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         resident = self._resident  # a snapshot: load/unload replace the dict, never mutate it
         run_options = None
+        batch = self._batch(feeds)
+        if adapters is not None and len(adapters) != batch:
+            raise UserError(f"adapters names {len(adapters)} row(s) but the batch has {batch}: give one name per row")
         if self.layout == "bank" and "adapter_index" in feeds and adapters is None and adapter is None:
             # raw indices into the resident adapters, in load order
             names = tuple(resident)
-            check_bank_index(feeds["adapter_index"], len(names))
-            rows = [names[i] if i >= 0 else None for i in np.asarray(feeds.pop("adapter_index")).tolist()]
+            index = feeds.pop("adapter_index")
+            check_bank_index(index, len(names), batch)
+            rows = [names[i] if i >= 0 else None for i in np.asarray(index).tolist()]
             feeds.update(self._bank_feeds(rows, resident))
         elif self.layout == "bank":
-            rows = adapters if adapters is not None else None
-            if rows is None:
-                batch = next(iter(feeds.values())).shape[0] if feeds else 1
-                rows = [adapter] * batch
+            rows = adapters if adapters is not None else [adapter] * batch
             feeds.update(self._bank_feeds(rows, resident))
         else:
             if adapters is not None:
@@ -165,6 +179,13 @@ class LoraSession:
         values = self.session.run(outputs, feeds, run_options)
         return dict(zip(outputs, values))
 
+    def _batch(self, feeds: dict[str, Any]) -> int:
+        """The batch size, from the model inputs (LoRA tensors have no batch dimension)."""
+        for k, v in feeds.items():
+            if ".lora_" not in k and k != "adapter_index" and np.ndim(v) >= 1:
+                return int(np.shape(v)[0])
+        raise UserError(f"no model inputs given: feed {', '.join(sorted(self.model_inputs)) or 'the graph inputs'}")
+
     def _get(self, name: str, resident: dict[str, _Resident]) -> _Resident:
         try:
             return resident[name]
@@ -175,9 +196,7 @@ class LoraSession:
 
     def _bank_feeds(self, rows: list[str | None], resident: dict[str, _Resident]) -> dict[str, Any]:
         names = tuple(sorted({r for r in rows if r is not None}))
-        for n in names:
-            self._get(n, resident)
-        key = names
+        key = tuple((n, self._get(n, resident).generation) for n in names)
         with self._lock:
             cached = self._bank_cache.get(key)
             if cached is not None:
@@ -194,6 +213,7 @@ class LoraSession:
 
     def close(self) -> None:
         self.session = None
+        self._resident = {}
         self._tmp.cleanup()
 
     def __enter__(self) -> LoraSession:
@@ -203,8 +223,20 @@ class LoraSession:
         self.close()
 
 
-def check_bank_index(index: np.ndarray, num_adapters: int) -> None:
-    """Raw bank feeds: every row's index must be -1 or name a bank slot (ORT would silently zero the branch)."""
-    bad = [int(i) for i in np.asarray(index).ravel() if not (i == NO_ADAPTER or 0 <= i < num_adapters)]
+def _release(resident: _Resident | None) -> None:
+    """Drop a replaced/unloaded adapter's packed file (runs still holding its LoraAdapter keep the mapping)."""
+    if resident is not None and resident.file is not None:
+        resident.file.unlink(missing_ok=True)
+
+
+def check_bank_index(index: np.ndarray, num_adapters: int, batch: int | None = None) -> None:
+    """Raw bank feeds: a 1-D integer array, one entry per row, each -1 or a bank slot (ORT would silently
+    zero the branch for an index that matches no slot, or fail inside for a wrong length)."""
+    index = np.asarray(index)
+    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+        raise AdapterError(f"adapter_index must be a 1-D integer array, got {index.dtype} of shape {list(index.shape)}")
+    if batch is not None and index.shape[0] != batch:
+        raise AdapterError(f"adapter_index has {index.shape[0]} entries but the batch has {batch}: one per row")
+    bad = [int(i) for i in index if not (i == NO_ADAPTER or 0 <= i < num_adapters)]
     if bad:
         raise AdapterError(f"adapter_index {bad[:5]} out of range: use -1 (no adapter) or 0..{num_adapters - 1}")

@@ -71,7 +71,9 @@ class GraphSlots:
     def from_onnx(cls, path: str | Path) -> GraphSlots:
         import onnx
 
-        model = onnx.load(str(path), load_external_data=False)
+        from lora_export.inspect import load_onnx_header
+
+        model = load_onnx_header(path)
         inputs = []
         for i in model.graph.input:
             t = i.type.tensor_type

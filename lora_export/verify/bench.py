@@ -65,6 +65,8 @@ class BenchConfig:
             raise UserError(f"--device {self.device!r}: choose cpu or cuda[:N]")
         if not self.backends or not self.modes or not self.batches or not self.seqs:
             raise UserError("bench needs at least one backend, mode, batch and sequence length")
+        if min(self.batches) < 1 or min(self.seqs) < 1:
+            raise UserError("--batch and --seq-len values must be at least 1")
 
 
 @dataclass

@@ -313,8 +313,12 @@ def _lora_feeds(slots: GraphSlots, adapters: list[Adapter]) -> dict[str, np.ndar
 
 
 def _row_assignment(bank: GraphSlots | None, adapters: list[Adapter], batch: int) -> list[int] | None:
-    """Bank graphs: row i uses adapter i mod (N+1), where N means "no adapter" (-1)."""
+    """Bank graphs: row i uses adapter i mod (N+1), where N means "no adapter" (-1); with two or more rows the
+    last row is always "no adapter", so the base rows are checked whatever the number of adapters."""
     if bank is None:
         return None
     n = len(adapters)
-    return [(i % (n + 1)) if (i % (n + 1)) < n else -1 for i in range(batch)]
+    rows = [(i % (n + 1)) if (i % (n + 1)) < n else -1 for i in range(batch)]
+    if batch >= 2:
+        rows[-1] = -1
+    return rows
