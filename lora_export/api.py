@@ -85,7 +85,7 @@ def make_adapter(
     *,
     r: int = 8,
     alpha: float = 16.0,
-    targets: list[str] | None = None,
+    targets: list[str] | str | None = None,
     seed: int = 0,
     use_rslora: bool = False,
     force: bool = False,
@@ -98,7 +98,9 @@ def make_adapter(
         if loaded.arch not in DEFAULT_TARGETS:
             raise UserError(f"no default LoRA targets for {loaded.arch!r}: pass --targets NAMES")
         targets = DEFAULT_TARGETS[loaded.arch]
-    spec = LoraSpec(r=r, alpha=alpha, use_rslora=use_rslora, target_modules=list(targets))
+    spec = LoraSpec(
+        r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets if isinstance(targets, str) else list(targets)
+    )
     adapter = random_adapter(loaded.module, spec, seed=seed, name=out.name)
     write_peft_adapter(adapter, out, base_model=loaded.source)
     return adapter

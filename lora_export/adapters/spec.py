@@ -67,7 +67,9 @@ class LoraSpec:
         targets = self.target_modules
         if isinstance(targets, str):
             return re.fullmatch(targets, path) is not None
-        if not any(path == t or path.endswith(f".{t}") for t in targets):
+        if path in targets:  # an exact module path: PEFT skips the layer filter for it
+            return True
+        if not any(path.endswith(f".{t}") for t in targets):
             return False
         return self._layer_selected(path)
 

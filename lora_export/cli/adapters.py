@@ -6,7 +6,7 @@ import click
 
 from lora_export import api
 from lora_export.cli import cli, display
-from lora_export.cli.options import model_argument, nonfinite_option
+from lora_export.cli.options import model_argument, nonfinite_option, parse_targets
 
 
 @cli.command("make-adapter")
@@ -32,7 +32,7 @@ def make_adapter(model, output, r, alpha, targets, rslora, seed, force):
         seed=seed,
         use_rslora=rslora,
         force=force,
-        targets=[t.strip() for t in targets.split(",")] if targets else None,
+        targets=parse_targets(targets),
     )
     display.out.print(
         f"wrote {output}: {len(adapter.modules)} modules, r={r}, alpha={alpha:g}, "

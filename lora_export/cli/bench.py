@@ -21,30 +21,6 @@ def _csv(value: str, flag: str) -> list[str]:
     return items
 
 
-@contextlib.contextmanager
-def _progress():
-    """A `progress(what, done, total)` callback drawing rich progress bars on stderr."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bars = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=display.err,
-        transient=False,
-    )
-    tasks: dict[str, int] = {}
-
-    def update(what: str, done: int, total: int) -> None:
-        if what not in tasks:
-            tasks[what] = bars.add_task(what, total=total)
-        bars.update(tasks[what], completed=done, total=total)
-
-    with bars:
-        yield update
-
-
 @cli.command("bench")
 @model_argument
 @click.option("--adapter", "adapters", multiple=True, help="Adapter dir(s); the first is used by merged/branched.")
@@ -130,7 +106,7 @@ def bench(
     )
     with contextlib.ExitStack() as stack:
         wd = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora_bench_")))
-        progress = stack.enter_context(_progress())
+        progress = stack.enter_context(display.progress_bars())
         report = run_bench(
             loaded, ads[0], config, wd, bank_adapters=bank, progress=progress, notes=notes, model_name=model
         )

@@ -74,3 +74,27 @@ def parity_table(report) -> None:
         mark = "[green]pass[/green]" if check.get("passed", True) else f"[red]FAIL[/red] {check.get('reason', '')}"
         details = ", ".join(f"{k}={_fmt(v)}" for k, v in check.items() if k not in ("passed", "reason"))
         out.print(f"{name}: {details} {mark}")
+
+
+@contextlib.contextmanager
+def progress_bars():
+    """A `progress(what, done, total)` callback drawing rich progress bars on stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bars = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = bars.add_task(what, total=total)
+        bars.update(tasks[what], completed=done, total=total)
+
+    with bars:
+        yield update

@@ -10,6 +10,7 @@ from lora_export.cli.options import (
     export_options,
     model_argument,
     nonfinite_option,
+    parse_targets,
     progress_steps,
     shape_options,
 )
@@ -98,9 +99,7 @@ def export_branched(
     with steps(f"loading {model}"):
         loaded = api.as_model(model)
         ads = [api.as_adapter(a) for a in adapters]
-    target_list = None
-    if targets:
-        target_list = targets if any(c in targets for c in "*[]()|\\^$") else [t.strip() for t in targets.split(",")]
+    target_list = parse_targets(targets)
     with steps(f"exporting branched ({layout})"):
         result = _export(
             loaded,

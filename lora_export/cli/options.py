@@ -69,6 +69,15 @@ def parse_per_output(values: tuple[str, ...], flag: str) -> dict[str, float]:
     return out
 
 
+def parse_targets(value: str | None) -> list[str] | str | None:
+    """`q_proj,v_proj` -> a list (PEFT: suffix match); anything with regex syntax stays one regex (full match)."""
+    if not value:
+        return None
+    if any(c in value for c in "*[]()|\\^$+?"):
+        return value
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
 def parse_shapes(value: str | None) -> list[tuple[int, int]] | None:
     """`2x16,3x7` -> [(2, 16), (3, 7)]."""
     if not value:

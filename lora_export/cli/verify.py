@@ -96,9 +96,7 @@ def verify(
     ads = [api.as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
     seed_list = parse_ints(seeds, "--seeds")
     shape_list = sweep_shapes(shapes, batches, seqs)
-    from lora_export.cli.bench import _progress
-
-    with _progress() as progress:
+    with display.progress_bars() as progress:
         report = verify_backends(
             loaded,
             ads,
