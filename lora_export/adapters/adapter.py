@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lora_export.adapters.spec import LoraSpec
+from lora_export.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."
 
@@ -58,6 +59,17 @@ class ModuleLora:
             # B is 1x1: contract its r channels with A's output channels.
             return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
         return (b @ a) * self.scaling
+
+    def merged_with(self, w0: torch.Tensor, *, in_out: bool = False, where: str = "") -> torch.Tensor:
+        """`W0 + s·B·A` added in float32, cast back to W0's dtype; `in_out` for weights stored `[in, out]`
+        (GPT-2 Conv1D). The one merge every path uses (merge-and-export, bake, TensorRT refit), so they agree
+        bit for bit; callers check finiteness with their own advice."""
+        delta = self.delta_weight().to(w0.device)
+        if in_out:
+            delta = delta.T
+        if delta.shape != w0.shape:
+            raise AdapterError(f"{where}: adapter delta {tuple(delta.shape)} does not fit weight {tuple(w0.shape)}")
+        return (w0.float() + delta).to(w0.dtype)
 
     def contract_pair(self) -> tuple[np.ndarray, np.ndarray]:
         """(`[in, r]`, `[r, out]` with the scaling folded in), float32."""

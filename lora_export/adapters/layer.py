@@ -106,12 +106,7 @@ class LoraLayer(nn.Module):
 def merged_weight(base: nn.Module, lora: ModuleLora, *, allow_nonfinite: bool = False, path: str = "") -> torch.Tensor:
     """`W0 + s·B·A` computed in float32, cast back to the base dtype; refuses non-finite results."""
     w0 = base.weight.detach()
-    delta = lora.delta_weight().to(w0.device)
-    if is_conv1d(base):
-        delta = delta.T  # Conv1D stores [in, out]
-    if delta.shape != w0.shape:
-        raise AdapterError(f"{path}: adapter delta {tuple(delta.shape)} does not fit weight {tuple(w0.shape)}")
-    merged = (w0.float() + delta).to(w0.dtype)
+    merged = lora.merged_with(w0, in_out=is_conv1d(base), where=path)  # Conv1D stores [in, out]
     if not allow_nonfinite and not torch.isfinite(merged).all():
         raise AdapterError(
             f"{path}: merging gives NaN/Inf in {w0.dtype} (values too large); "

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 from lora_export.adapters.adapter import Adapter, contract_names
@@ -111,15 +112,9 @@ def merged_refit_plan(base: GraphWeights, adapter: Adapter | None, previous: set
         if name not in base:
             raise AdapterError(f"adapter module {path}: the graph has no initializer {name}")
         w0 = base.array(name)
-        delta = lora.delta_weight().numpy()  # (out, in) or conv kernel, float32
         layout = weight_layout(base, name)
-        if layout == "in_out":
-            delta = delta.T
-        if delta.shape != w0.shape:
-            raise AdapterError(
-                f"adapter module {path}: delta {tuple(delta.shape)} does not fit {name} {tuple(w0.shape)} ({layout})"
-            )
-        merged = (w0.astype(np.float32) + delta).astype(w0.dtype)
+        where = f"adapter module {path} ({name}, {layout})"
+        merged = lora.merged_with(torch.from_numpy(np.array(w0)), in_out=layout == "in_out", where=where).numpy()
         if not np.isfinite(merged).all():
             raise AdapterError(f"{path}: merging gives NaN/Inf in {w0.dtype}; use an fp32 graph")
         values[name] = merged

@@ -116,14 +116,7 @@ class BakeAdapterPass(ir.passes.InPlacePass):
         if len(weight.uses()) != 1:
             raise UserError(f"cannot bake {br.path}: its weight {weight.name} is shared (tied) with other nodes")
         w0 = torch.from_numpy(np.array(weight.const_value.numpy()))
-        delta = mod.delta_weight()  # (out, in), float32, as merged_weight computes it
-        if in_out:
-            delta = delta.T  # Conv1D stores (in, out)
-        if tuple(delta.shape) != tuple(w0.shape):
-            raise AdapterError(
-                f"{br.path}: adapter delta {tuple(delta.shape)} does not fit weight {weight.name} {tuple(w0.shape)}"
-            )
-        merged = (w0.float() + delta).to(w0.dtype)
+        merged = mod.merged_with(w0, in_out=in_out, where=f"{br.path} ({weight.name})")  # as merge-and-export
         if not self.allow_nonfinite and not torch.isfinite(merged).all():
             raise AdapterError(f"{br.path}: baking gives NaN/Inf in {w0.dtype}; pass --allow-nonfinite to accept it")
         weight.const_value = ir.tensor(merged.numpy(), name=weight.name)
