@@ -59,6 +59,13 @@ def feedable_names(session) -> list[str]:
     return [i.name for i in session.get_inputs()] + [i.name for i in session.get_overridable_initializers()]
 
 
+def cast_feeds(session, feeds: Feeds) -> Feeds:
+    """float32 arrays cast to float16 where the graph's input (or LoRA slot) is float16; others as given."""
+    values = list(session.get_inputs()) + list(session.get_overridable_initializers())
+    half = {i.name for i in values if i.type == "tensor(float16)"}
+    return {k: v.astype(np.float16) if k in half and v.dtype == np.float32 else v for k, v in feeds.items()}
+
+
 class OrtRunner:
     name = "ort"
 
@@ -90,17 +97,12 @@ class OrtRunner:
         """Feeds as `OrtValue`s on the session's device (dtype-cast to the graph's), ready for `run_prepared`."""
         import onnxruntime as ort
 
-        types = {i.name: i.type for i in self.session.get_inputs()}
-        types.update({i.name: i.type for i in self.session.get_overridable_initializers()})
         device, device_id = self._device()
-        values = {}
-        for k, v in feeds.items():
-            if k not in self.input_names:
-                continue
-            v = np.ascontiguousarray(v)
-            if types.get(k) == "tensor(float16)" and v.dtype == np.float32:
-                v = v.astype(np.float16)
-            values[k] = ort.OrtValue.ortvalue_from_numpy(v, device, device_id)
+        values = {
+            k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), device, device_id)
+            for k, v in cast_feeds(self.session, feeds).items()
+            if k in self.input_names
+        }
         return values, run_options
 
     def run_prepared(self, handle) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.backends.onnxrt import cast_feeds
 from lora_export.backends.torch_runner import TorchRunner
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
@@ -32,17 +33,6 @@ DEFAULT_SHAPES = [(2, 16), (3, 7), (1, 23)]  # the export's example shape, then 
 
 def make_feeds(loaded: LoadedModel, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in loaded.make_inputs(batch, seq, seed).items()}
-
-
-def _cast_for(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    types = {i.name: i.type for i in session.get_inputs()}
-    types.update({i.name: i.type for i in session.get_overridable_initializers()})
-    out = {}
-    for k, v in feeds.items():
-        if types.get(k) == "tensor(float16)" and v.dtype == np.float32:
-            v = v.astype(np.float16)
-        out[k] = v
-    return out
 
 
 def graph_dtype(session) -> str:
@@ -142,7 +132,7 @@ class GraphSide:
         full = {**feeds, **self.extra}
         if rows is not None and self.slots.layout == "bank":
             full["adapter_index"] = np.array(rows, dtype=np.int64)
-        return _cast_for(self.session, full) if self.session is not None else full
+        return cast_feeds(self.session, full) if self.session is not None else full
 
     def outputs(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
         return self.runner.infer(self.feeds_for(feeds, rows))
