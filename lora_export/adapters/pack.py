@@ -62,7 +62,7 @@ def pack_adapter(
         if slots.layout != "inputs":
             raise UserError(f"{graph} is a {slots.layout} graph; packed adapters are for inputs-layout graphs")
         slots.check_adapter(adapter)
-        graph_dtype = "fp16" if slots.dtype == np.float16 else "fp32"
+        graph_dtype = slots.dtype_name
         if dtype is not None and dtype != graph_dtype:
             raise UserError(
                 f"--dtype {dtype} does not match {graph}'s {graph_dtype} LoRA inputs (ONNX Runtime would refuse it): "

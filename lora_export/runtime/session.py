@@ -90,8 +90,7 @@ class LoraSession:
     def _prepare_inputs(self, resident: _Resident) -> None:
         import onnxruntime as ort
 
-        dtype = "fp16" if self.slots.dtype == np.float16 else "fp32"
-        tensors = packed_tensors(resident.adapter, dtype)
+        tensors = packed_tensors(resident.adapter, self.slots.dtype_name)
         if self._use_ort_adapters:
             try:
                 path = Path(self._tmp.name) / f"{resident.generation}.onnx_adapter"

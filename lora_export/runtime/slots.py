@@ -31,6 +31,11 @@ class GraphSlots:
     max_rank: int = 0
     dtype: type = np.float32
 
+    @property
+    def dtype_name(self) -> str:
+        """ "fp16" or "fp32": the LoRA inputs' precision, as pack-adapter and the CLI name it."""
+        return "fp16" if self.dtype == np.float16 else "fp32"
+
     @classmethod
     def from_inputs(cls, inputs: list[tuple[str, list, str]]) -> GraphSlots:
         """`inputs`: (name, shape, onnx element type name) for each graph input."""
