@@ -58,6 +58,19 @@ def verifying_adapters(layout: str, adapters: list[Adapter]) -> list[Adapter]:
     return list(adapters) if layout == BANK else list(adapters[:1])
 
 
+def one_adapter(adapter: AdapterLike | list[AdapterLike] | tuple | None) -> AdapterLike | None:
+    """The one adapter of a merged export: None, an adapter, or a list holding at most one."""
+    if not isinstance(adapter, (list, tuple)):
+        return adapter
+    if len(adapter) > 1:
+        names = " ".join(f"--adapter {a.name if isinstance(a, Adapter) else a}" for a in adapter)
+        raise UserError(
+            f"merge-and-export folds one adapter into the weights, got {len(adapter)} ({names}): export each "
+            "separately, or keep them side by side in one graph with export-branched --layout bank"
+        )
+    return adapter[0] if adapter else None
+
+
 @dataclass
 class ExportOutcome:
     export: ExportResult
@@ -74,10 +87,13 @@ def merge_and_export(
     progress: Progress | None = None,
     **export_kwargs,
 ) -> ExportOutcome:
-    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch."""
+    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch.
+    `adapter` may be a list (the CLI's repeatable --adapter) of at most one: a merged graph holds one adapter,
+    so a second one is refused, never silently dropped."""
     from lora_export.export.merged import export_merged
     from lora_export.verify.check import verify_graph
 
+    adapter = one_adapter(adapter)
     with _step(progress, _loading(model)):
         loaded = as_model(model)
         ad = as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter is not None else None
@@ -187,6 +203,11 @@ def make_adapter(
     use_rslora: bool = False,
     force: bool = False,
 ) -> Adapter:
+    from lora_export.adapters.validate import check_finite_alpha
+
+    alpha = check_finite_alpha(alpha, "--alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"--r {r!r}: the rank must be a positive integer")
     loaded = as_model(model)
     out = Path(out)
     if out.exists() and not force:

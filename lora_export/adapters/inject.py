@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from lora_export.adapters import validate
 from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.layer import (
     BranchFeed,
@@ -15,7 +16,8 @@ from lora_export.adapters.layer import (
     merged_weight,
     supported_layer,
 )
-from lora_export.adapters.spec import LoraSpec
+from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+from lora_export.adapters.ties import own_weight
 from lora_export.errors import AdapterError
 
 
@@ -60,6 +62,22 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
         )
     for path, lora in sorted(adapter.modules.items()):
         check_module_fits(path, modules[path], lora)
+    check_config_targets(model, modules, adapter)
+
+
+def check_config_targets(model: nn.Module, modules: dict[str, nn.Module], adapter: Adapter) -> None:
+    """A PEFT adapter's `target_modules` against this model, as PEFT would apply it (`validate`): `null` means
+    the model type's defaults; a targeted layer without tensors is only harmless with `init_lora_weights: true`."""
+    where = adapter.extra.get("peft_config")
+    if not where:
+        return
+    validate.check_default_targets(model, adapter, DEFAULT_TARGETS)
+    spec = adapter.spec
+    if spec.target_modules and not validate.is_all_linear(spec.target_modules):
+        targeted = [p for p, m in modules.items() if p and supported_layer(m) and spec.matches(p)]
+        validate.check_untargeted(
+            spec, adapter.extra.get("init_lora_weights", True), targeted, list(adapter.modules), where
+        )
 
 
 def check_module_fits(path: str, module: nn.Module, lora: ModuleLora) -> None:
@@ -118,10 +136,15 @@ def attach_feed(model: nn.Module, paths: Iterable[str], feed: BranchFeed) -> dic
 
 
 def merge_adapter(model: nn.Module, adapter: Adapter, *, allow_nonfinite: bool = False) -> list[str]:
-    """Fold `s·B·A` into the base weights in place (no wrappers left behind)."""
+    """Fold `s·B·A` into the base weights (no wrappers left behind). Each merged weight becomes a parameter of
+    its own module (`ties.own_weight`), so a weight tied to another layer (GPT-2's `lm_head` and `wte`) is
+    untied rather than changed for both: the other layer keeps `W0`, as in the unmerged forward."""
     check_fits(model, adapter)
     modules = unwrap(model)
-    for path, lora in sorted(adapter.modules.items()):
-        base = modules[path]
-        base.weight.data.copy_(merged_weight(base, lora, allow_nonfinite=allow_nonfinite, path=path))
+    merged = {
+        path: merged_weight(modules[path], lora, allow_nonfinite=allow_nonfinite, path=path)
+        for path, lora in sorted(adapter.modules.items())
+    }  # all from W0, before any module changes
+    for path, value in merged.items():
+        own_weight(modules[path], value)
     return sorted(adapter.modules)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_export.adapters import validate
 from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.spec import LoraSpec, lora_scaling
 from lora_export.contract import PEFT_KEY_HINT, parse_peft_key, peft_names
@@ -87,14 +88,19 @@ def _read_peft_dir(path: Path) -> Adapter:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{cfg_path} is not valid JSON ({e}): re-save the adapter") from None
-    spec = spec_from_peft_config(config, cfg_path)
     weight_files = [p for p in (path / SAFETENSORS_NAME, path / BIN_NAME) if p.exists()]
     if not weight_files:
         raise AdapterError(f"{path} has no {SAFETENSORS_NAME} (or legacy {BIN_NAME}): the adapter has no weights")
     wpath = weight_files[0]
     raw = _load_safetensors(wpath) if wpath.suffix == ".safetensors" else _load_bin(wpath)
+    if isinstance(config, dict):  # the config against its tensors, as PEFT would build and load it
+        validate.check_config(config, cfg_path, validate.tensor_ranks(raw))
+    spec = spec_from_peft_config(config, cfg_path)
     modules = _pair_peft_tensors(raw, spec, wpath)
-    return Adapter(spec=spec, modules=modules, source=str(path), sha256=sha256_files([cfg_path, wpath]))
+    validate.check_ranks(spec, {p: m.r for p, m in modules.items()}, cfg_path)
+    validate.check_targets(spec, sorted(modules), cfg_path)
+    extra = {"peft_config": str(cfg_path), "init_lora_weights": config.get("init_lora_weights", True)}
+    return Adapter(spec=spec, modules=modules, source=str(path), sha256=sha256_files([cfg_path, wpath]), extra=extra)
 
 
 def spec_from_peft_config(config: dict[str, Any], where: Path | str = "adapter_config.json") -> LoraSpec:
@@ -256,7 +262,7 @@ def write_peft_adapter(adapter: Adapter, out_dir: str | Path, *, base_model: str
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
-        "target_modules": spec.target_modules,
+        "target_modules": spec.target_modules or None,  # None: PEFT's default targets for the model type
         "rank_pattern": spec.rank_pattern,
         "alpha_pattern": spec.alpha_pattern,
         "fan_in_fan_out": spec.fan_in_fan_out,

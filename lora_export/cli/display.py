@@ -62,12 +62,13 @@ def parity_table(report) -> None:
                     o.mean_abs,
                     o.cosine,
                     o.top1_agreement,
+                    f"{o.atol:.2g}" + (f" + {o.rtol:.2g}·|ref|" if o.rtol else ""),
                     "[green]pass[/green]" if o.passed else f"[red]FAIL[/red] {o.reason}",
                 ]
             )
     table(
         f"parity: {report.candidate} vs {report.reference}",
-        ["inputs", "output", "max abs", "max rel", "mean abs", "cosine", "top-1", "result"],
+        ["inputs", "output", "max abs", "max rel", "mean abs", "cosine", "top-1", "tolerance", "result"],
         rows,
     )
     for name, check in report.checks.items():

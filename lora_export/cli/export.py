@@ -22,8 +22,9 @@ from lora_export.cli.options import (
 @click.option(
     "--adapter",
     "adapter",
-    required=False,
-    help="PEFT adapter directory (or adapter file). Without it, the plain base model is exported.",
+    multiple=True,
+    help="PEFT adapter directory (or adapter file). Without it, the plain base model is exported. "
+    "One adapter: a merged graph holds one.",
 )
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 @export_options
@@ -35,7 +36,7 @@ def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len
     """Fold the adapter into the weights (W0 + s·B·A, fp32) and export ONNX; then verify it."""
     outcome = api.merge_and_export(
         model,
-        adapter or None,
+        list(adapter),
         output,
         verify=not no_verify,
         allow_nonfinite=allow_nonfinite,

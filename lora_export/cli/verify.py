@@ -17,6 +17,7 @@ from lora_export.cli.options import (
     write_json_report,
 )
 from lora_export.errors import UserError
+from lora_export.fileio import probe_writable
 
 BACKEND_CHOICES = click.Choice(["torch", "ort", "trt"])
 
@@ -91,6 +92,7 @@ def verify(
         raise UserError("the ort backend needs the graph: pass --onnx PATH")
     if "trt" in (reference, candidate) and engine_path is None:
         raise UserError("the trt backend needs an engine: pass --engine PLAN (see build-engine)")
+    probe_writable(json_path)  # a report that cannot be written fails now, not after the run
     seed_list = parse_ints(seeds, "--seeds")
     shape_list = sweep_shapes(shapes, batches, seqs)
     with display.progress_bars() as progress:

@@ -24,6 +24,7 @@ from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import attach_feed, check_fits, find_targets, unwrap
 from lora_export.adapters.layer import BranchFeed, layer_dims
 from lora_export.adapters.spec import LoraSpec, default_targets
+from lora_export.adapters.ties import untie
 from lora_export.contract import (
     ADAPTER_INDEX,
     BANK,
@@ -39,7 +40,7 @@ from lora_export.errors import AdapterError, UserError
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
-from lora_export.fileio import check_output_path
+from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
 
@@ -161,11 +162,14 @@ def export_branched(
     else:
         raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
     work = loaded.copy(dtype=torch_dtype)
+    modules = unwrap(work.module)
+    untie(work.module, [(p, modules[p]) for p in paths])  # a slot's base weight is its own (bake, refit)
     feed = BranchFeed(layout)
     attach_feed(work.module, paths, feed)
     model = trace_mod.trace(work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype)
     table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype)
     manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
-    files = trace_mod.save(model, out)
-    write_manifest(out, manifest)
+    with all_or_nothing() as files:  # the graph and its manifest, or neither
+        files += trace_mod.save(model, out)
+        write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

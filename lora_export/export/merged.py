@@ -10,7 +10,7 @@ from lora_export.adapters.inject import merge_adapter
 from lora_export.contract import GraphManifest, torch_dtype
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
-from lora_export.fileio import check_output_path
+from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
 
@@ -47,6 +47,7 @@ def export_merged(
         adapters=[adapter] if adapter is not None else [],
         dtype=dtype,
     )
-    files = trace_mod.save(model, out)
-    write_manifest(out, manifest)
+    with all_or_nothing() as files:  # the graph and its manifest, or neither
+        files += trace_mod.save(model, out)
+        write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

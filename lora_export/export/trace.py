@@ -28,6 +28,7 @@ from lora_export.adapters.layer import BranchFeed
 from lora_export.contract import ADAPTER_INDEX, BANK_KIND, A, is_rank_dim, parse
 from lora_export.errors import UserError
 from lora_export.export.names import rename_initializers
+from lora_export.fileio import io_errors
 from lora_export.models.loading import LoadedModel, call_model
 
 
@@ -147,8 +148,24 @@ def _export(wrapper, args, loaded, extra, dynamic, opset):
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
             return torch.onnx.export(wrapper, args, **kwargs)
-    except torch.onnx.errors.UnsupportedOperatorError as e:  # pragma: no cover - depends on the model
-        raise UserError(f"torch.onnx.export cannot export this model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # the exporter fails on the user's model: one line (the cause kept for --verbose)
+        raise UserError(
+            f"torch.onnx.export cannot export {loaded.source}: {root_cause(e)}; make the model's forward return "
+            "tensors only (e.g. no cache objects: a wrapper module in a py:module:factory), or rerun with --verbose "
+            "for the exporter's trace"
+        ) from e
+
+
+def root_cause(e: BaseException) -> str:
+    """The first line of the innermost cause of `e` (the exporter wraps the real error in its own)."""
+    seen = set()
+    while e.__cause__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("#")]
+    text = lines[0] if lines else type(e).__name__
+    first = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def _restore_dim_names(model: ir.Model, loaded: LoadedModel, extra: list[ExtraInput]) -> None:
@@ -219,14 +236,20 @@ def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = size > onnxio.EXTERNAL_DATA_THRESHOLD
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with io_errors(path):
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    written: list[Path] = []
     try:
-        data_name = f"{path.name}.data" if external else None
-        ir.save(model, tmp_dir / path.name, external_data=data_name)
-        written = []
-        for f in sorted(tmp_dir.iterdir(), reverse=True):  # data before the graph that names it
-            os.replace(f, path.parent / f.name)
-            written.append(path.parent / f.name)
+        with io_errors(path):
+            data_name = f"{path.name}.data" if external else None
+            ir.save(model, tmp_dir / path.name, external_data=data_name)
+            for f in sorted(tmp_dir.iterdir(), reverse=True):  # data before the graph that names it
+                os.replace(f, path.parent / f.name)
+                written.append(path.parent / f.name)
         return written
+    except BaseException:
+        for f in written:  # a data file without its graph is no output
+            f.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

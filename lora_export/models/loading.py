@@ -141,8 +141,11 @@ def _load_transformers_dir(path: Path, spec: str) -> LoadedModel:
         cls = cls or transformers.AutoModel
         load = cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained
         module = load(str(path), local_files_only=True, attn_implementation="eager", torch_dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {path} as a transformers model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a broken directory: truncated weights, a config field of the wrong type, ...
+        raise UserError(
+            f"cannot load {path} as a transformers model ({type(e).__name__}: {_first_line(e)}): check its config.json "
+            "and weights (re-save it with save_pretrained)"
+        ) from e
     module.config.use_cache = False
     return _wrap_transformers(module, spec)
 
@@ -154,17 +157,34 @@ def _load_py(spec: str) -> LoadedModel:
         raise UserError(f"{spec!r}: expected py:package.module:factory")
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"{spec!r}: cannot import the factory ({e})") from None
-    result = factory()
+    except Exception as e:  # ImportError, AttributeError, or the module's own code failing on import
+        raise UserError(
+            f"{spec!r}: cannot import the factory ({type(e).__name__}: {_first_line(e)}); rerun with --verbose "
+            "for its traceback"
+        ) from e
+    try:
+        result = factory()
+    except Exception as e:
+        raise UserError(
+            f"{spec!r}: the factory raised {type(e).__name__}: {_first_line(e)}; fix it (rerun with --verbose for "
+            "its traceback)"
+        ) from e
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise UserError(f"{spec!r}: the factory must return (torch.nn.Module, dict of example input tensors)")
     module, example = result[0], result[1]
     axes = result[2] if len(result) > 2 else None
     if not isinstance(module, nn.Module) or not isinstance(example, dict):
         raise UserError(f"{spec!r}: the factory must return (torch.nn.Module, dict of example input tensors)")
     module.eval()
     names = list(example)
-    with torch.no_grad():
-        out = module(*[example[n] for n in names])
+    try:
+        with torch.no_grad():
+            out = module(*[example[n] for n in names])
+    except Exception as e:
+        raise UserError(
+            f"{spec!r}: the factory's model fails on its own example inputs ({type(e).__name__}: {_first_line(e)}); "
+            "rerun with --verbose for its traceback"
+        ) from e
     if isinstance(out, torch.Tensor):
         outputs = ["output"]
     elif isinstance(out, dict):
@@ -184,3 +204,8 @@ def _load_py(spec: str) -> LoadedModel:
         make_inputs=lambda b, s, seed: inputs_mod.like_inputs(example, b, seed),
         default_seq=0,
     )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__

@@ -7,6 +7,7 @@ import onnx_ir as ir
 import torch
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.ties import other_readers
 from lora_export.contract import BANK, MERGED
 from lora_export.errors import AdapterError, UserError
 from lora_export.onnxio import slots_of_ir
@@ -72,7 +73,7 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
     4. the LoRA inputs and their default initializers are removed: the result is a merged graph.
 
     Refuses bank graphs, adapters with modules the graph has no slot for, shapes that do not fit, weights
-    read by other nodes too (tied), and non-finite results.
+    another kind of node reads too (tied with an embedding: `ties.other_readers`), and non-finite results.
     """
 
     lora_removed = True  # the result is a merged graph
@@ -118,8 +119,13 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
 
     def _fold(self, br: Branch, mod) -> None:
         weight, in_out = find_base_weight(br.base)
-        if len(weight.uses()) != 1:
-            raise UserError(f"cannot bake {br.path}: its weight {weight.name} is shared (tied) with other nodes")
+        tied = other_readers((use.node.op_type, use.idx) for use in weight.uses())
+        if tied:
+            raise UserError(
+                f"cannot bake {br.path}: its weight {weight.name} is also read by {', '.join(tied)} (tied, e.g. the "
+                "input embeddings), which must keep the base value; re-export the branched graph with export-branched "
+                "(it gives each LoRA slot a weight of its own)"
+            )
         w0 = torch.from_numpy(np.array(weight.const_value.numpy()))
         merged = mod.merged_with(w0, in_out=in_out, where=f"{br.path} ({weight.name})")  # as merge-and-export
         if not self.allow_nonfinite and not torch.isfinite(merged).all():

@@ -115,7 +115,7 @@ def optimize_file(
     """
     from lora_export.adapters.peft_io import read_adapter
     from lora_export.export.trace import save
-    from lora_export.fileio import check_output_path
+    from lora_export.fileio import all_or_nothing, check_output_path
     from lora_export.onnxio import read_manifest, write_manifest
 
     in_path = Path(in_path)
@@ -142,8 +142,9 @@ def optimize_file(
         "target": target,
         "fuse_siblings": fuse_siblings,
     }
-    save(model, out_path)
-    write_manifest(out_path, rewritten_manifest(source_manifest, model, report, adapter, fp16))
+    with all_or_nothing() as files:  # the graph and its manifest, or neither
+        files += save(model, out_path)
+        write_manifest(out_path, rewritten_manifest(source_manifest, model, report, adapter, fp16))
     report["output_bytes"] = out_path.stat().st_size
     return report
 

@@ -81,6 +81,8 @@ class LoraSession:
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str | Path | Adapter, *, allow_nonfinite: bool = False) -> Adapter:
         """Make an adapter resident as `name`: a PEFT dir, an .onnx_adapter/.safetensors/.npz file, or an Adapter."""
+        self._check_open()
+        check_adapter_name(name)
         adapter = (
             source if isinstance(source, Adapter) else read_adapter(source, name=name, allow_nonfinite=allow_nonfinite)
         )
@@ -112,6 +114,7 @@ class LoraSession:
         resident.feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()}
 
     def unload(self, name: str) -> None:
+        self._check_open()
         with self._lock:
             if name not in self._resident:
                 raise UserError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self._resident) or 'none'})")
@@ -142,6 +145,7 @@ class LoraSession:
         """Run with one adapter for the whole batch (`adapter`), or one per row (`adapters`, bank graphs)."""
         import onnxruntime as ort
 
+        self._check_open()
         outputs = output_names or self.output_names
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         resident = self._resident  # a snapshot: load/unload replace the dict, never mutate it
@@ -207,6 +211,12 @@ class LoraSession:
         index = np.array([position[r] if r is not None else NO_ADAPTER for r in rows], dtype=np.int64)
         return {**cached, ADAPTER_INDEX: index}
 
+    def _check_open(self) -> None:
+        if self.session is None:
+            raise UserError(
+                f"this LoraSession on {self.path} is closed: open a new LoraSession to run or load adapters"
+            )
+
     def close(self) -> None:
         self.session = None
         self._resident = {}
@@ -217,6 +227,13 @@ class LoraSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_adapter_name(name: object) -> str:
+    """Adapter names are non-empty strings (None means "no adapter" in `run`, so it cannot name one)."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"adapter name {name!r}: give a non-empty string (None means no adapter in run)")
+    return name
 
 
 def _release(resident: _Resident | None) -> None:

@@ -1,9 +1,10 @@
 """Verify one backend against another (Polygraphy-style) on several seeded input sets and shapes.
 
-Backends: `torch` (the model with the adapter resident and unmerged: PEFT's forward), `ort` (ONNX Runtime
-on an exported graph), `trt` (a TensorRT engine, when TensorRT and a GPU exist). Merged graphs run as they
-are; branched graphs get the adapter's contract tensors as feeds; bank graphs get a batch whose rows
-cycle through the adapters and "no adapter", and the PyTorch side composes each row from its own adapter.
+Backends: `torch` (the model with the adapter unmerged: PEFT itself when it is installed, our own LoRA
+layer otherwise; the report's reference label says which), `ort` (ONNX Runtime on an exported graph),
+`trt` (a TensorRT engine, when TensorRT and a GPU exist). Merged graphs run as they are; branched graphs get
+the adapter's contract tensors as feeds; bank graphs get batches of at least N + 1 rows, one for each adapter
+and one with "no adapter", and the PyTorch side gives each row its own adapter.
 
 Besides parity, the adapter-effect check requires the adapter to move the outputs well above the parity
 error, so an adapter silently dropped somewhere cannot pass.
@@ -27,6 +28,7 @@ from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import load_onnx_header, slots_of_proto
 from lora_export.verify.parity import ParityReport, adapter_effect, compare_outputs
+from lora_export.verify.peft_reference import PeftSide, resolve_oracle
 
 BACKENDS = ("torch", "ort", "trt")
 DEFAULT_SHAPES = [(2, 16), (3, 7), (1, 23)]  # the export's example shape, then two others
@@ -141,10 +143,12 @@ def open_side(
     onnx_path: str | Path | None = None,
     engine_path: str | Path | None = None,
     providers: list[str] | None = None,
+    oracle: str = "auto",
 ):
-    """A side for `backend` (not yet entered). Graph sides need `onnx_path` (ort) or `engine_path` (trt)."""
+    """A side for `backend` (not yet entered). Graph sides need `onnx_path` (ort) or `engine_path` (trt); the
+    torch side runs PEFT or our own LoRA layer as `oracle` says (`peft_reference.resolve_oracle`)."""
     if backend == "torch":
-        return TorchSide(loaded, list(adapters))
+        return torch_side(loaded, list(adapters), oracle)
     if backend == "ort":
         from lora_export.backends.onnxrt import OrtRunner
 
@@ -165,6 +169,19 @@ def open_side(
             dtype = precision(o.type.tensor_type.elem_type for o in header.graph.output)  # the outputs' precision
         return GraphSide(runner_cls(engine_path), slots, list(adapters), f"trt:{Path(engine_path).name}", dtype)
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def torch_side(loaded: LoadedModel, adapters: list[Adapter], oracle: str = "auto"):
+    """The PyTorch reference: PEFT's own forward (`PeftSide`) when `oracle` resolves to peft, else our LoRA layer
+    (`TorchSide`); its label says which ran."""
+    if resolve_oracle(oracle) == "peft":
+        return PeftSide(loaded, adapters)
+    fallback = " (fallback: peft is not installed)" if oracle == "auto" else ""
+    return TorchSide(loaded, adapters, label=f"torch+lora-export{fallback}")
+
+
+def _is_torch(side) -> bool:
+    return isinstance(side, (TorchSide, PeftSide))
 
 
 def _label_slug(label: str) -> str:
@@ -205,18 +222,20 @@ def verify_backends(
     save_inputs: str | Path | None = None,
     candidate_adapters: list[Adapter] | None = None,
     on_case=None,
+    oracle: str = "auto",
 ) -> ParityReport:
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
     `candidate_adapters` overrides what the candidate is fed (default: `adapters`); tests use it to show that
-    a dropped adapter fails. `on_case(done, total)` is called after each case (progress bars).
+    a dropped adapter fails. `on_case(done, total)` is called after each case (progress bars). `oracle`: whose
+    LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
     """
     if reference == candidate:
         raise UserError(f"reference and candidate are both {reference!r}: compare two different backends")
     shapes = shapes or DEFAULT_SHAPES
     adapters = list(adapters)
     cand_adapters = adapters if candidate_adapters is None else list(candidate_adapters)
-    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers)
+    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers, oracle=oracle)
     with contextlib.ExitStack() as stack:
         ref_side = stack.enter_context(open_side(reference, loaded, adapters, **kw))
         cand_side = stack.enter_context(open_side(candidate, loaded, cand_adapters, **kw))
@@ -224,17 +243,20 @@ def verify_backends(
         for s in graph_sides:
             _check_layout(s.slots, adapters)
         bank = next((s.slots for s in graph_sides if s.slots.layout == BANK), None)
+        if bank is not None:  # every adapter and the no-adapter row in every case: N + 1 rows at least
+            shapes = [(max(b, len(adapters) + 1), s) for b, s in shapes]
         dtype = precision(s.dtype for s in graph_sides)
-        truth = ref_side if isinstance(ref_side, TorchSide) else None
+        truth = ref_side if _is_torch(ref_side) else None
         if truth is None and adapters and check_effect:
-            truth = stack.enter_context(TorchSide(loaded, adapters))
+            truth = stack.enter_context(torch_side(loaded, adapters, oracle))
         report = ParityReport(reference=ref_side.label, candidate=cand_side.label)
-        worst_err, effects = 0.0, []
+        worst_err, effects, covered = 0.0, [], set()
         total, done = len(seeds) * len(shapes), 0
         for seed in seeds:
             for batch, seq in shapes:
                 feeds = make_feeds(loaded, batch, seq, seed)
                 rows = _row_assignment(bank, adapters, batch)
+                covered.update(rows or ())
                 ref = ref_side.outputs(feeds, rows)
                 got = cand_side.outputs(feeds, rows)
                 label = f"seed={seed} batch={batch} seq={seq}"
@@ -250,6 +272,14 @@ def verify_backends(
                 done += 1
                 if on_case is not None:
                     on_case(done, total)
+        if bank is not None:
+            missing = sorted(set(range(len(adapters))) - covered)
+            report.checks["bank_rows"] = {
+                "adapters": len(adapters),
+                "no_adapter_row": NO_ADAPTER in covered,
+                "passed": not missing and NO_ADAPTER in covered,
+                "reason": f"adapters {missing} never ran in a row" if missing else "",
+            }
         if effects:
             report.checks["adapter_effect"] = max(
                 (adapter_effect(w, b, worst_err) for w, b in effects), key=lambda e: e["effect_max_abs"]
@@ -268,6 +298,7 @@ def verify_graph(
     rtol: dict[str, float] | None = None,
     providers: list[str] | None = None,
     check_effect: bool = True,
+    oracle: str = "auto",
 ) -> ParityReport:
     """ONNX Runtime on `onnx_path` against the PyTorch reference (the export path's check)."""
     return verify_backends(
@@ -282,6 +313,7 @@ def verify_graph(
         rtol=rtol,
         providers=providers,
         check_effect=check_effect,
+        oracle=oracle,
     )
 
 
