@@ -47,7 +47,7 @@ def io_errors(path: str | os.PathLike, action: str = "write") -> Iterator[None]:
 
 def check_output_path(path: str | os.PathLike, force: bool, suffixes: tuple[str, ...] = ()) -> Path:
     """Refuse to overwrite an existing file unless `force`, or a suffix not in `suffixes`; then make sure
-    the parent folder exists (only once the path is known to be acceptable)."""
+    the parent folder exists and can be written (only once the path is known to be acceptable)."""
     path = Path(path)
     if suffixes and path.suffix not in suffixes:
         raise UserError(f"{path}: unknown file type {path.suffix or '(none)'}; use one of {', '.join(suffixes)}")
@@ -55,8 +55,7 @@ def check_output_path(path: str | os.PathLike, force: bool, suffixes: tuple[str,
         raise UserError(f"{path} is a directory: give a file path")
     if path.exists() and not force:
         raise UserError(f"{path} already exists: pass --force to overwrite it")
-    with io_errors(path.parent, "create the directory"):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    probe_writable(path)  # a read-only or full disk fails now, before a long export
     return path
 
 

@@ -32,7 +32,7 @@ def test_outputs_are_readable_by_other_users(adapter_dir, tmp_path):
     "edit, pattern",
     [
         (lambda cfg: [cfg], r"expected a JSON object"),
-        (lambda cfg: {**cfg, "r": "four"}, r"a field has the wrong type"),
+        (lambda cfg: {**cfg, "r": "four"}, r"r='four' is a str, not an integer"),
         (lambda cfg: {**cfg, "peft_type": "IA3"}, r"peft_type is 'IA3'; only LORA"),
         (lambda cfg: {**cfg, "modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
     ],

@@ -143,7 +143,7 @@ def check_ranks(spec, ranks: dict[str, int], where: Path | str) -> None:
             )
 
 
-def check_targets(spec, paths: list[str], where: Path | str) -> None:
+def check_targets(spec, paths: list[str], where: Path | str, field: str | None = None) -> None:
     """Every module with tensors is selected by `target_modules` (PEFT would skip the others' tensors)."""
     if is_all_linear(spec.target_modules) or not spec.target_modules:
         return
@@ -159,9 +159,10 @@ def check_targets(spec, paths: list[str], where: Path | str) -> None:
             fix = f": {set_} leaves them out; fix that field, or drop those tensors"
         else:
             fix = f": add {', '.join(map(repr, names))} to target_modules (or drop those tensors)"
+        field = field or f"target_modules={spec.target_modules!r}"
         raise AdapterError(
-            f"{where}: target_modules={spec.target_modules!r} does not select {_modules_text(left_out)}, which the "
-            f"tensors adapt (PEFT would leave those tensors out){fix}"
+            f"{where}: {field} does not select {_modules_text(left_out)}, which the tensors adapt (PEFT would leave "
+            f"those tensors out){fix}"
         )
 
 
@@ -178,9 +179,9 @@ def check_default_targets(model, adapter, default_targets: dict[str, list[str]])
         )
     from dataclasses import replace
 
-    check_targets(
-        replace(adapter.spec, target_modules=list(default_targets[model_type])), sorted(adapter.modules), where
-    )
+    defaults = list(default_targets[model_type])
+    field = f"target_modules=null (PEFT's defaults for {model_type}: {defaults!r})"
+    check_targets(replace(adapter.spec, target_modules=defaults), sorted(adapter.modules), where, field)
 
 
 def check_untargeted(spec, init: Any, targeted: list[str], paths: list[str], where: Path | str) -> None:

@@ -55,6 +55,13 @@ def sweep_shapes(shapes: str | None, batches: str | None, seqs: str | None) -> l
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider(s).")
 @click.option("--no-effect-check", is_flag=True, help="Do not require the adapter to visibly change the outputs.")
 @click.option(
+    "--oracle",
+    type=click.Choice(["auto", "peft", "lora-export"]),
+    default="auto",
+    show_default=True,
+    help="Whose LoRA the torch reference runs: PEFT itself (auto: when installed) or lora-export's own layer.",
+)
+@click.option(
     "--save-inputs",
     type=click.Path(file_okay=False),
     default=None,
@@ -77,13 +84,16 @@ def verify(
     seqs,
     providers,
     no_effect_check,
+    oracle,
     save_inputs,
     json_path,
     allow_nonfinite,
 ):
     """Compare two backends (default: ONNX Runtime on --onnx against PyTorch with the adapter unmerged).
 
-    Backends: torch (PEFT's forward), ort (--onnx), trt (--engine; its LoRA slots come from --onnx).
+    Backends: torch (PEFT's own forward, PeftModel.from_pretrained on the base model, when peft is installed;
+    else lora-export's LoRA layer; the report names the reference), ort (--onnx), trt (--engine; its LoRA slots
+    come from --onnx).
     Exit code 0 when every output on every input set is within tolerance and the adapter visibly changes
     the outputs, 1 otherwise; 3 when TensorRT or a GPU is missing.
     """
@@ -110,6 +120,7 @@ def verify(
             shapes=shape_list,
             providers=list(providers) or None,
             check_effect=not no_effect_check,
+            oracle=oracle,
             save_inputs=save_inputs,
             on_case=lambda d, n: progress(f"{candidate} vs {reference}", d, n),
         )

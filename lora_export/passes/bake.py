@@ -106,7 +106,12 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
             if mod is not None:
                 self._fold(br, mod)
         for br in branches:
-            ir.convenience.replace_all_uses_with(br.join.outputs[0], br.base, replace_graph_outputs=True)
+            joined = br.join.outputs[0]
+            output_name = joined.name if joined.is_graph_output() else None  # a slot on the last layer (lm_head)
+            ir.convenience.replace_all_uses_with(joined, br.base, replace_graph_outputs=True)
+            if output_name is not None:  # the graph output keeps its name (`logits`), not the base MatMul's
+                joined.name = f"{output_name}.lora_join"
+                br.base.name = output_name
             for node in (br.join, br.mm_b, br.mm_a):
                 if not any(o.uses() or o.is_graph_output() for o in node.outputs):
                     graph.remove(node, safe=True)
