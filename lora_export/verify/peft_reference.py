@@ -111,7 +111,7 @@ class PeftSide:
     def __enter__(self) -> PeftSide:
         from peft import PeftModel
 
-        self.label = self.label or f"torch+peft {peft_version()}"
+        self.label = self.label or (f"torch+peft {peft_version()}" if self.adapters else "torch")  # no LoRA: plain
         self._stack = contextlib.ExitStack()
         scratch = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="lora_export_peft_")))
         base = copy.deepcopy(self.loaded.module).float().eval()
