@@ -46,7 +46,7 @@ def _run(path, feeds, extra=None):
 @pytest.fixture(scope="module", params=["gpt2", "llama-tied"])
 def tied(request, sample_cache, export_cache, tmp_path_factory):
     """A tied model, PEFT models for lm_head alone ("head") and lm_head + attention ("both"), their adapter
-    directories, merged exports of both, a branched export with slots for both, and a graph holding the base
+    directories, merged exports of each, a branched export with slots for both, and a graph holding the base
     weights for the refit plan (gpt2: a branched export without an lm_head slot, where lm_head is still tied)."""
     from lora_export.adapters.peft_io import read_adapter
     from lora_export.export.branched import export_branched
@@ -61,8 +61,7 @@ def tied(request, sample_cache, export_cache, tmp_path_factory):
         pm = build_peft(loaded, seed=3, r=4, lora_alpha=8, target_modules=targets)
         pm.save_pretrained(str(root / key), save_embedding_layers=False)
         peft[key], adapters[key] = pm, read_adapter(root / key)
-        if key == "both" or name == "gpt2":  # lm_head alone: merged on gpt2; baked and refit on both models
-            merged[key] = export_merged(loaded, adapters[key], root / f"merged_{key}.onnx").path
+        merged[key] = export_merged(loaded, adapters[key], root / f"merged_{key}.onnx").path
     branched = export_branched(loaded, root / "branched.onnx", adapters=[adapters["both"]]).path
     base = export_cache("gpt2") if name == "gpt2" else branched
     feeds = make_feeds(loaded, 2, 9, 0)
@@ -80,11 +79,10 @@ def tied(request, sample_cache, export_cache, tmp_path_factory):
 
 
 def test_merged_export_matches_peft_and_keeps_embeddings(tied):
-    """lm_head + attention on both models, lm_head alone on gpt2 (on the tied Llama lm_head alone goes through
-    bake and the refit plan below)."""
+    """lm_head alone, and lm_head + attention, on both tied models."""
     loaded, feeds = tied["loaded"], tied["feeds"]
     embeddings = loaded.module.get_input_embeddings().weight.detach().numpy()
-    assert sorted(tied["merged"]) == (["both", "head"] if tied["name"] == "gpt2" else ["both"])
+    assert sorted(tied["merged"]) == ["both", "head"]
     for key, graph in tied["merged"].items():
         want = peft_forward(tied["peft"][key], loaded, feeds)
         assert max_err(want, _run(graph, feeds)) <= TOL, key
@@ -93,10 +91,11 @@ def test_merged_export_matches_peft_and_keeps_embeddings(tied):
         assert not np.array_equal(inits["lm_head.weight"], embeddings), key  # lm_head got its own, merged weight
 
 
-def test_merged_export_verifies_against_peft(tied):
+@pytest.mark.parametrize("key", ["head", "both"])
+def test_merged_export_verifies_against_peft(tied, key):
     from lora_export.verify.check import verify_graph
 
-    report = verify_graph(tied["loaded"], tied["merged"]["both"], [tied["adapters"]["both"]], shapes=[(2, 9)])
+    report = verify_graph(tied["loaded"], tied["merged"][key], [tied["adapters"][key]], shapes=[(2, 9)])
     assert report.passed, report.to_dict()["summary"]
     assert report.reference.startswith("torch+peft")
 
@@ -130,22 +129,21 @@ def test_bake_matches_peft_and_merge_and_export(tied, key):
     baked = _initializers(out)
     embeddings = tied["loaded"].module.get_input_embeddings().weight.detach().numpy()
     assert np.array_equal(baked[EMBEDDINGS[tied["name"]]], embeddings)
-    if key in tied["merged"]:
-        merged = _initializers(tied["merged"][key])
-        for name in (EMBEDDINGS[tied["name"]], "lm_head.weight"):
-            assert np.array_equal(baked[name], merged[name]), name  # bake == merge-and-export, bit for bit
+    merged = _initializers(tied["merged"][key])
+    for name in (EMBEDDINGS[tied["name"]], "lm_head.weight"):
+        assert np.array_equal(baked[name], merged[name]), name  # bake == merge-and-export, bit for bit
 
 
 @pytest.mark.parametrize("key", ["head", "both"])
 def test_refit_plan_weights_match_peft(tied, key):
     """An engine built from a merged export (lm_head untied there), refit to another adapter: the plan's
     weights put into that graph give PEFT's forward; the embeddings are never in the plan."""
-    from lora_export.engines.refit_plan import GraphWeights, changed_weights, merged_refit_plan
+    from lora_export.engines.refit_plan import GraphWeights, merged_refit_plan
 
     engine_graph = onnx.load(str(tied["merged"]["both"]))
     base = GraphWeights(onnx.load(str(tied["base"])))
     engine = GraphWeights(engine_graph)
-    previous = changed_weights(engine, base)
+    previous = [f"{p}.weight" for p in tied["adapters"]["both"].modules]  # what the engine manifest tracks
     plan = merged_refit_plan(base, tied["adapters"][key], previous, engine=engine)
     assert EMBEDDINGS[tied["name"]] not in plan.values and "lm_head.weight" in plan.values
     for t in engine_graph.graph.initializer:

@@ -2,7 +2,7 @@
 
 - PEFT (`PeftModel.from_pretrained`) is the reference when installed, and the report says so; a misread adapter
   (wrong scale, a config whose target_modules leaves out tensors) fails against it, while our own reading
-  (`oracle="lora-export"`) agrees with the mistake.
+  (`oracle="lora-export"`) agrees with the mistake; a reader with a scaling bug is caught by merge-and-export.
 - One weight element changed by 1e-2 in a merged gpt2 / llama / bert graph fails the default fp32 tolerance;
   the untouched graphs pass; fp16 graphs keep their own defaults.
 - A 5-adapter bank is checked on every adapter plus a no-adapter row.
@@ -113,8 +113,11 @@ def test_q_only_config_fails_against_peft(merged, tmp_path):
     q_only = _peft_dir_as(adapter, tmp_path / "q_only", target_modules=["q_proj"])
     with pytest.raises(AdapterError, match=r"target_modules=\['q_proj'\] does not select .*v_proj"):
         read_adapter(q_only)
-    report = verify_graph(loaded, graph, [_read_as(adapter, q_only)], shapes=SHAPES[:1])
+    misread = _read_as(adapter, q_only)
+    report = verify_graph(loaded, graph, [misread], shapes=SHAPES[:1])
     assert report.reference.startswith("torch+peft") and not report.passed
+    ours = verify_graph(loaded, graph, [misread], shapes=SHAPES[:1], oracle="lora-export")
+    assert ours.reference == "torch+lora-export" and ours.passed  # our reading agrees with itself
 
 
 def test_wrong_scale_fails_against_peft_but_not_against_our_own_reading(merged, tmp_path):
@@ -129,6 +132,28 @@ def test_wrong_scale_fails_against_peft_but_not_against_our_own_reading(merged, 
     assert against_peft.reference.startswith("torch+peft") and not against_peft.passed
     ours = verify_graph(loaded, graph, [misread], shapes=SHAPES[:1], oracle="lora-export")
     assert ours.reference == "torch+lora-export" and ours.passed
+
+
+def test_a_reader_that_misreads_the_scale_is_caught_end_to_end(sample_cache, tmp_path, monkeypatch):
+    """A PEFT-saved adapter and a reader with a scaling bug (2·alpha/r): merge-and-export writes the misread
+    graph and its verify against PEFT fails (exit 1, reference named); our own reading as the reference agrees
+    with the bug (exit 0), which is why PEFT is the default."""
+    from cli_helpers import run
+    from peft_oracle import build_peft
+
+    import lora_export.adapters.peft_io as peft_io
+
+    pm = build_peft(sample_cache("gpt2"), seed=4, r=4, lora_alpha=8, target_modules=["c_attn"])
+    pm.save_pretrained(str(tmp_path / "ad"))
+    real = peft_io.lora_scaling
+    monkeypatch.setattr(peft_io, "lora_scaling", lambda *a, **k: 2 * real(*a, **k))
+    graph = tmp_path / "m.onnx"
+    exported = run("merge-and-export", "sample:gpt2", "--adapter", tmp_path / "ad", "-o", graph, ok=False)
+    assert exported.exit_code == 1 and "torch+peft" in exported.output, exported.output
+    args = ["verify", "sample:gpt2", "--onnx", graph, "--adapter", tmp_path / "ad", "--shapes", "2x5"]
+    assert run(*args, "--oracle", "lora-export").exit_code == 0
+    monkeypatch.setattr(peft_io, "lora_scaling", real)
+    assert run(*args, ok=False).exit_code == 1  # the graph itself is wrong, whatever reads the adapter
 
 
 def test_bank_of_five_checks_every_adapter(sample_cache, tmp_path):
