@@ -151,6 +151,10 @@ def test_step_and_join_refuse_what_they_cannot_do(inputs, bank):
         inputs.step(batch, [1, 2])
     with pytest.raises(UserError, match=r"drop: row\(s\) \[3\]"):
         inputs.drop(batch, [3])
+    with pytest.raises(UserError, match="keys must stay unique"):
+        bank.join(bank.prefill([PROMPTS[1]], keys=["k"]), bank.prefill([PROMPTS[2]], keys=["k"]))
+    with pytest.raises(UserError, match="keys must name each"):
+        bank.prefill([PROMPTS[1], PROMPTS[2]], keys=["k", "k"])
     empty = bank.drop(bank.prefill([PROMPTS[1]], adapters=["x"]), [0])
     assert empty.rows == 0
     assert bank.join(empty, bank.prefill([PROMPTS[1]], adapters=["y"])).rows == 1
