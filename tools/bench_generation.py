@@ -9,8 +9,9 @@ Candidates, each one whole greedy generation per call (eos ignored, so every cal
 tokens), timed together by `lora_export.verify.latency.measure` with per-token marks (`StepTimes`):
 
 - batch 1: PyTorch `generate` with its KV cache; our merged decoder (IO binding, and plain numpy feeds for
-  contrast); our inputs-layout decoder with an adapter; ONNX Runtime GenAI on the merged folder; the old path
-  (the full-sequence graph re-run on the whole sequence for every token).
+  contrast); our inputs-layout decoder with an adapter; ONNX Runtime GenAI on the merged folder. The old path
+  (the full-sequence graph re-run on the whole sequence for every token) is the contrast, timed apart with
+  fewer rounds (it is several times slower).
 - batch 4: the bank decoder with four adapters (one per row) vs the inputs decoder with one adapter.
 
 ONNX Runtime sessions (ours and GenAI's) run with intra-op spinning off, as every timing in this project.
@@ -81,6 +82,7 @@ def measure_generation(
     prompt_len: int = 32,
     new_tokens: int = 128,
     rounds: int = 5,
+    old_rounds: int | None = None,
     warmup: int = 1,
     threads: int | None = None,
     seed: int = 0,
@@ -200,18 +202,23 @@ def measure_generation(
         "ort/merged decoder, plain feeds": ours("plain feeds", gens["merged, plain feeds"], prompt),
         "ort/inputs decoder + adapter": ours("inputs decoder + adapter", gens["inputs"], prompt, adapter=x),
         "genai/merged folder": (genai_call, genai_times),
-        "ort/old path: full graph per token": (old_call, old_times),
     }
+    old_path = {"ort/old path: full graph per token": (old_call, old_times)}  # slow: a contrast, fewer rounds
     batch4 = {
         "ort/bank decoder, 4 adapters (b4)": ours("bank b4", gens["bank"], prompts4, adapters=rows4),
         "ort/inputs decoder, 1 adapter (b4)": ours("inputs b4", gens["inputs"], prompts4, adapter=x),
     }
     results = {}
-    for group, table in ((f"generation b1, prompt {prompt_len}, {new_tokens} new", calls),
-                         (f"generation b4, prompt {prompt_len}, {new_tokens} new", batch4)):  # fmt: skip
-        _log(f"{group}: {len(table)} candidates, {rounds} interleaved rounds")
+    old_rounds = old_rounds if old_rounds is not None else max(1, rounds // 2)
+    groups = (
+        (f"generation b1, prompt {prompt_len}, {new_tokens} new", calls, rounds),
+        (f"generation b1, prompt {prompt_len}, {new_tokens} new (old path)", old_path, old_rounds),
+        (f"generation b4, prompt {prompt_len}, {new_tokens} new", batch4, rounds),
+    )
+    for group, table, n in groups:
+        _log(f"{group}: {len(table)} candidate(s), {n} interleaved rounds")
         cands = [Candidate.from_callable(name, (lambda f=f: f(None))) for name, (f, _) in table.items()]
-        m = measure(cands, warmup=warmup, iters=rounds, seed=9)
+        m = measure(cands, warmup=warmup, iters=n, seed=9)
         for name, (_, times) in table.items():
             firsts, steps, medians = times.timed(warmup)
             ttft, per_token = summarize(f"{name} ttft", firsts), summarize(f"{name} ms/token", steps)
@@ -256,7 +263,14 @@ def measure_generation(
         + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in agree.items())
         + f" ({new_tokens} tokens, batch 1)"
     )
-    bench.settings = {"prompt": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "warmup": warmup}
+    bench.settings = {
+        "prompt": prompt_len,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "old_path_rounds": old_rounds,
+        "warmup": warmup,
+        "threads": threads or "default",
+    }
     return bench
 
 

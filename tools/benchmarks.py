@@ -474,6 +474,21 @@ def _fmt(v: float | None, unit: str) -> str:
     return f"{v:g}"
 
 
+def _generation_line(gen: dict | None) -> list[str]:
+    if not gen:
+        return [""]
+    return [
+        "",
+        f"Generation (issue 9): decoder folders of the same model (merged: adapter0; inputs and bank: all four), "
+        f"fp32, a {gen['prompt']}-token prompt, {gen['new_tokens']} new tokens, greedy, eos ignored; each call is a "
+        f"whole generation, {gen['rounds']} interleaved rounds after {gen['warmup']} warm-up (the old path "
+        f"{gen['old_path_rounds']}), a mark at every token: TTFT = prefill + first token, ms/token pooled over the "
+        f"rest; ratios are of ms/token medians, paired = median of per-round ratios. ONNX Runtime threads: "
+        f"{gen['threads']}.",
+        "",
+    ]
+
+
 def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
     from lora_export.verify.report import machine_line
 
@@ -498,7 +513,7 @@ def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
         f"{suite.settings.get('input_sets')} rotating input sets; inputs prepared outside timing); ratios are of "
         "medians, the paired value is the median of per-round ratios. Threads: "
         f"{json.dumps(suite.settings.get('threads'))}.",
-        "",
+        *_generation_line(suite.settings.get("generation")),
         "## Goals",
         "",
         "| issue | metric | goal | measured | status | detail |",
