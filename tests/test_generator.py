@@ -158,3 +158,32 @@ def test_step_and_join_refuse_what_they_cannot_do(inputs, bank):
     empty = bank.drop(bank.prefill([PROMPTS[1]], adapters=["x"]), [0])
     assert empty.rows == 0
     assert bank.join(empty, bank.prefill([PROMPTS[1]], adapters=["y"])).rows == 1
+
+
+def test_ort_ignores_run_options_adapters_with_io_binding(decoders):
+    """Why the generator binds adapter tensors as inputs under IO binding: ONNX Runtime 1.32 applies a
+    `RunOptions` LoraAdapter in `run` but not in `run_with_iobinding`. When this test fails, ORT has changed and
+    the `.onnx_adapter` path could serve IO binding too."""
+    import onnxruntime as ort
+
+    folder = decoders.folder("gpt2", "inputs")
+    with Generator(folder, io_binding=False) as gen:  # session.run + RunOptions: the adapter applies
+        with_adapter = gen.prefill([PROMPTS[0]], adapter="x").logits
+        base = gen.prefill([PROMPTS[0]]).logits
+        lora = ort.LoraAdapter()
+        lora.Load(str(folder / "adapters" / "x.onnx_adapter"))
+        options = ort.RunOptions()
+        options.add_active_adapter(lora)
+        feeds = {"input_ids": np.array([PROMPTS[0]]), "attention_mask": np.ones((1, 7), np.int64)}
+        feeds["position_ids"] = np.arange(7)[None]
+        empty = np.zeros((1, gen.facts.num_key_value_heads, 0, gen.facts.head_size), np.float32)
+        io = gen.session.io_binding()
+        for name, value in {**feeds, **dict.fromkeys(gen.input_names[3:], empty)}.items():
+            io.bind_cpu_input(name, value)
+        io.bind_output("logits", "cpu")
+        for name in gen.output_names[1:]:
+            io.bind_output(name, "cpu")
+        gen.session.run_with_iobinding(io, options)
+        bound = io.get_outputs()[0].numpy()[:, -1]
+    assert np.abs(with_adapter - base).max() > 1e-2
+    np.testing.assert_allclose(bound, base, atol=1e-5)  # the adapter was silently not applied

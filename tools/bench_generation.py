@@ -45,13 +45,18 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def export_folders(loaded, adapters, work: Path) -> dict[str, Path]:
-    """merged (adapter 0 folded), inputs and bank (all adapters) decoder folders, plus the full-sequence graph."""
+def export_folders(loaded, adapters, work: Path, *, reuse: bool = False) -> dict[str, Path]:
+    """merged (adapter 0 folded), inputs and bank (all adapters) decoder folders, plus the full-sequence graph;
+    `reuse` keeps folders already in `work` (a previous run with the same model and adapters)."""
     from lora_export.export.decoder import export_decoder
     from lora_export.export.merged import export_merged
 
     out = {}
     for layout in ("merged", "inputs", "bank"):
+        folder = work / f"decoder_{layout}"
+        if reuse and (folder / "genai_config.json").is_file():
+            out[layout] = folder
+            continue
         _log(f"export-decoder --layout {layout}")
         ads = adapters[:1] if layout == "merged" else adapters
         out[layout] = export_decoder(loaded, work / f"decoder_{layout}", adapters=ads, layout=layout, force=True).path
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> GenerationBench:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="Tiny sample, few tokens: checks it runs.")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--old-rounds", type=int, default=None, help="Rounds of the old path (default: rounds // 2).")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default=None, help="Keep the folders here (reused when they exist).")
     p.add_argument("--json", dest="json_path", default=None)
@@ -285,13 +291,15 @@ def main(argv: list[str] | None = None) -> GenerationBench:
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
     from lora_export.models import load_model
+    from lora_export.verify.latency import set_threads
 
+    set_threads(args.threads)  # PyTorch's intra-op threads, as ONNX Runtime's
     loaded = load_model("sample:gpt2" if args.quick else "sample:gpt2-small")
     spec = LoraSpec(r=8, alpha=16, target_modules=["c_attn"])
     adapters = [random_adapter(loaded.module, spec, seed=i, name=f"adapter{i}") for i in range(4)]
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_gen_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    folders = export_folders(loaded, adapters, work)
+    folders = export_folders(loaded, adapters, work, reuse=args.workdir is not None)
     bench = measure_generation(
         folders,
         loaded,
@@ -299,6 +307,7 @@ def main(argv: list[str] | None = None) -> GenerationBench:
         prompt_len=8 if args.quick else 32,
         new_tokens=8 if args.quick else 128,
         rounds=args.rounds or (2 if args.quick else 5),
+        old_rounds=args.old_rounds,
         threads=args.threads,
     )
     for g in bench.goals:
