@@ -89,7 +89,8 @@ class Reference:
     def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
         """(tokens, logits `[new_tokens, vocab]`) of greedy `generate` on one prompt, eos ignored."""
         config = copy.deepcopy(self.model.generation_config)
-        config.eos_token_id = None  # every row runs `new_tokens` steps
+        # every row runs `new_tokens` steps: no eos at all (None would be replaced by the model's default)
+        config.eos_token_id = []
         config.do_sample = False
         config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         config.max_new_tokens = new_tokens
