@@ -41,7 +41,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from lora_export.cli import adapters, bench, engine, export, inspect, optimize, verify  # noqa: F401
+    from lora_export.cli import adapters, bench, engine, export, inspect, optimize, serve, verify  # noqa: F401
 
 
 _register()
