@@ -7,6 +7,7 @@ on that cluster and on exit only the application is deleted (the cluster and its
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -38,11 +39,12 @@ def serve(
     with _stop_on_signals(stop) as reinstall:
         try:
             if config.address:
-                ray.init(address=config.address, log_to_driver=False)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=False)
+                ray.init(address=config.address, log_to_driver=False, logging_level=logging.WARNING)
+            else:  # "local": a new instance even when `ray start` left one running on this machine
+                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
                 started_ray = True
             reinstall()  # ray.init sets its own SIGTERM handler (exit at once): ours stops cleanly
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
             ray_serve.start(http_options={"host": config.host, "port": config.port})
             deployed = True
             handle = ray_serve.run(build_application(config), name=config.app_name, route_prefix="/")

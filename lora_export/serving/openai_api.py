@@ -14,6 +14,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from lora_export.serving import protocol as p
 from lora_export.serving.protocol import ApiError, EngineRequest
 
@@ -43,11 +47,7 @@ class Backend(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
 
-def build_http_app(backend: Backend, *, api_key: str | None = None):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
+def build_http_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="lora-export serve", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
