@@ -87,5 +87,8 @@ def serve(
         names = ", ".join([config.model_name, *config.adapters])
         display.err.print(f"[green]✓[/green] serving {url} (models: {names}); Ctrl-C to stop", highlight=False)
 
-    run_server(config, on_ready=ready)
+    try:
+        run_server(config, on_ready=ready)
+    except KeyboardInterrupt:  # a second Ctrl-C during startup: what was started is stopped all the same
+        pass
     display.err.print("stopped", highlight=False)

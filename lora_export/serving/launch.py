@@ -12,12 +12,12 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 
 from lora_export.errors import UserError
 from lora_export.serving.config import ServeConfig
 
 STARTUP_TIMEOUT_S = 600.0
+SHUTDOWN_TIMEOUT_S = 60.0
 
 
 def serve(
@@ -36,14 +36,14 @@ def serve(
     stop = stop or threading.Event()
     started_ray = False
     deployed = False
-    with _stop_on_signals(stop) as reinstall:
+    with _Signals() as signals:
         try:
             if config.address:
                 ray.init(address=config.address, log_to_driver=False, logging_level=logging.WARNING)
             else:  # "local": a new instance even when `ray start` left one running on this machine
                 ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
                 started_ray = True
-            reinstall()  # ray.init sets its own SIGTERM handler (exit at once): ours stops cleanly
+            signals.install()  # ray.init sets its own SIGTERM handler (exit at once): ours stops cleanly
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
             ray_serve.start(http_options={"host": config.host, "port": config.port})
             deployed = True
@@ -51,50 +51,68 @@ def serve(
             errors = handle.check_startup_adapters.remote().result(timeout_s=STARTUP_TIMEOUT_S)
             if errors:
                 raise UserError("; ".join(errors))
-            if on_ready is not None:
+            if on_ready is not None and not signals.received:
                 on_ready(f"http://{config.host}:{config.port}/v1")
-            while not stop.wait(0.5):
-                pass
+            while not (signals.received or stop.is_set()):
+                time.sleep(0.2)
         finally:
+            signals.ignore()  # one Ctrl-C is enough: the shutdown below is bounded
             _shutdown(ray, ray_serve, config, started_ray, deployed)
 
 
 def _shutdown(ray, ray_serve, config: ServeConfig, started_ray: bool, deployed: bool) -> None:
+    """Delete the app (or stop Serve, when Ray was started here), then leave or stop Ray. Serve's own shutdown
+    is given SHUTDOWN_TIMEOUT_S; the Ray instance started here is stopped whatever happened before."""
     if not ray.is_initialized():
         return
+    if deployed:
+        stop_serve = ray_serve.shutdown if started_ray else (lambda: ray_serve.delete(config.app_name))
+        worker = threading.Thread(target=_quietly, args=(stop_serve,), daemon=True)
+        worker.start()
+        worker.join(SHUTDOWN_TIMEOUT_S)
+    ray.shutdown()
+
+
+def _quietly(fn: Callable[[], None]) -> None:
     try:
-        if started_ray:
-            ray_serve.shutdown()
-        elif deployed:
-            ray_serve.delete(config.app_name)
-    finally:
-        ray.shutdown()
+        fn()
+    except Exception as e:  # the cluster is going away anyway; say so and go on
+        logging.getLogger("lora_export.serving").warning("stopping the Serve app: %s", e)
 
 
-@contextmanager
-def _stop_on_signals(stop: threading.Event):
-    """SIGINT and SIGTERM set `stop` while serving (a second one interrupts at once); the previous handlers
-    come back on exit. Yields a function that installs the handlers again (after a library replaced them).
-    Outside the main thread signals cannot be caught: `stop` is the only way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+class _Signals:
+    """While serving, SIGINT and SIGTERM only set `received` (the main loop polls it; a handler must not take
+    locks the interrupted code may hold); a second one before the loop ends interrupts startup at once. On exit
+    the previous handlers come back. Outside the main thread nothing is installed: use `stop`."""
 
-    def handler(signum, _frame):
-        if stop.is_set():
+    def __init__(self):
+        self.received = False
+        self._main = threading.current_thread() is threading.main_thread()
+        self._previous = {}
+
+    def _handler(self, signum, _frame):
+        if self.received:
             raise KeyboardInterrupt
-        stop.set()
+        self.received = True
 
-    def install():
-        for s in previous:
-            signal.signal(s, handler)
+    def install(self) -> None:
+        if self._main:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, self._handler)
 
-    install()
-    try:
-        yield install
-    finally:
-        for s, h in previous.items():
+    def ignore(self) -> None:
+        if self._main:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, signal.SIG_IGN)
+
+    def __enter__(self) -> _Signals:
+        if self._main:
+            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
             signal.signal(s, h)
 
 
