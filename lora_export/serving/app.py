@@ -62,6 +62,11 @@ class EngineDeployment:
     async def stats(self) -> dict[str, Any]:
         return {"replica": self.engine.replica, "stats": self.engine.stats()}
 
+    def check_health(self) -> None:
+        """Serve restarts a replica whose scheduler thread died."""
+        if not self.engine.scheduler.running:
+            raise RuntimeError("the scheduler thread is not running")
+
     def __del__(self):
         engine = getattr(self, "engine", None)
         if engine is not None:
@@ -77,9 +82,10 @@ class IngressBackend:
         self.table = AdapterTable(config.model_name, config.adapters)
         self.replica_stats: dict[str, dict[str, Any]] = {}
         self._adapter_lock = asyncio.Lock()
+        self._context_length = config.context_length()
 
     def model_cards(self) -> list[dict[str, Any]]:
-        ctx = self.config.context_length()
+        ctx = self._context_length
         base = self.config.model_name
         cards = [p.model_card(base, root=self.config.folder, parent=None, max_model_len=ctx)]
         cards += [p.model_card(r.name, root=r.path, parent=base, max_model_len=ctx) for r in self.table.refs()]

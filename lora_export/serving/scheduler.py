@@ -21,6 +21,7 @@ called from any thread. `stats` counts what the scheduler did, so tests and benc
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -31,6 +32,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from lora_export.serving.detok import IncrementalText
+
+log = logging.getLogger("lora_export.serving")
 
 
 class BatchModel(Protocol):
@@ -248,6 +251,10 @@ class Scheduler:
         with self._cond:
             return not self._waiting and not self._running
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         """Run the step loop in a daemon thread until `stop()`."""
         if self._thread is not None:
@@ -270,7 +277,13 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stopping:
-            self.step(timeout=0.5)
+            try:
+                self.step(timeout=0.5)
+            except Exception as e:  # a bug: fail what was running, keep serving the rest
+                log.exception("scheduler step failed")
+                for row in self._running:
+                    self._finish(row, "error", f"{type(e).__name__}: {e}")
+                self._running, self._state = [], None
 
     # -- the scheduler thread -----------------------------------------------------------------------------
     def step(self, timeout: float | None = 0.0) -> bool:
