@@ -1,0 +1,244 @@
+"""Benchmark `lora-export serve`: GPT-2 small shape decoder folder (bank layout, 4 random adapters), 64 new
+tokens per request, greedy, clients with the official `openai` package.
+
+    python tools/bench_serve.py                      # several minutes on 2 cores; prints a table, writes JSON
+    python tools/bench_serve.py --quick              # tiny sample model, seconds: checks the script runs
+
+Measured, in one run:
+- throughput (generated tokens/s over the wall time) and p50/p99 request latency for 1, 8 and 32 concurrent
+  clients spread over the 4 adapters, on the batched server (--max-batch-size 32) and on the same server with
+  --max-batch-size 1 (requests served one at a time);
+- at 1 client, the server's request latency vs the in-process generator on the same folder (same prompts,
+  same adapters; timed interleaved with the server requests, so machine drift hits both).
+
+Goals: at 32 clients, batched >= 3x the throughput of --max-batch-size 1; at 1 client, server latency
+<= 1.2x the in-process generator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lora_export.verify.latency import Candidate, measure, percentile  # noqa: E402
+
+ADAPTERS = 4
+
+
+def prepare(workdir: Path, model: str, prompt_len: int, n_prompts: int, seed: int = 0):
+    """The decoder folder (bank, 4 adapters) and the prompts (random token ids), built once per workdir."""
+    from lora_export import api
+
+    folder = workdir / "decoder"
+    adapters = {f"adapter{i}": workdir / f"adapter{i}" for i in range(ADAPTERS)}
+    for i, path in enumerate(adapters.values()):
+        if not path.exists():
+            api.make_adapter(model, path, r=8, seed=100 + i)
+    if not (folder / "model.onnx").exists():
+        export_decoder_folder(model, folder, list(adapters.values()))
+    vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, vocab - 1, size=prompt_len).tolist() for _ in range(n_prompts)]
+    return folder, adapters, prompts
+
+
+def export_decoder_folder(model: str, folder: Path, adapters: list[Path]) -> None:
+    raise NotImplementedError("waiting for the decoder export API")
+
+
+class InProcess:
+    """The generator on the same folder, in this process: the baseline for the server's 1-client latency."""
+
+    def __init__(self, folder: Path, adapters: dict[str, Path]):
+        raise NotImplementedError("waiting for the generator API")
+
+    def generate(self, prompt: list[int], adapter: str, max_new_tokens: int) -> list[int]:
+        raise NotImplementedError
+
+
+class Server:
+    """`lora-export serve` in a subprocess; `close()` is Ctrl-C and waits for it to exit."""
+
+    def __init__(self, folder: Path, adapters: dict[str, Path], port: int, max_batch_size: int, wait_ms: float):
+        from lora_export.serving import wait_ready
+
+        args = [sys.executable, "-m", "lora_export", "serve", str(folder), "--port", str(port)]
+        args += ["--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(wait_ms)]
+        for name, path in adapters.items():
+            args += ["--adapter", f"{name}={path}"]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.log = open(folder.parent / f"serve_b{max_batch_size}.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}/v1"
+        try:
+            wait_ready(self.url, timeout=300)
+            # wait_ready sees the ingress; the first request also waits for the engine replica to be up
+            asyncio.run(_one(self.url, "adapter0", [1, 2, 3], 2))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self.log.close()
+
+
+async def _one(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) as client:
+        t0 = time.perf_counter()
+        reply = await client.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True}
+        )
+        return time.perf_counter() - t0, reply.usage.completion_tokens
+
+
+async def clients(url: str, concurrency: int, per_client: int, prompts, new_tokens: int) -> dict:
+    """`concurrency` clients, each sending `per_client` requests back to back (closed loop), adapters in turn."""
+    import openai
+
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client(c: int, api) -> None:
+        nonlocal tokens
+        for k in range(per_client):
+            i = c * per_client + k
+            t0 = time.perf_counter()
+            reply = await api.completions.create(
+                model=f"adapter{i % ADAPTERS}", prompt=prompts[i % len(prompts)], max_tokens=new_tokens,
+                temperature=0, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            latencies.append(time.perf_counter() - t0)
+            tokens += reply.usage.completion_tokens
+
+    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800) as api:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c, api) for c in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ms = [x * 1000 for x in latencies]
+    return {
+        "clients": concurrency,
+        "requests": len(ms),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p99_ms": round(percentile(ms, 99), 1),
+    }
+
+
+def server_stats(url: str) -> dict:
+    import httpx2
+
+    return httpx2.get(url.removesuffix("/v1") + "/stats", timeout=60).json()["total"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lora_export_bench_serve"))
+    parser.add_argument("--quick", action="store_true", help="tiny sample model, few requests")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--latency-iters", type=int, default=8, help="1-client requests timed vs in-process")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    model = "sample:gpt2" if args.quick else "sample:gpt2-small"
+    levels = [int(c) for c in args.concurrency.split(",")]
+    workdir = args.workdir / ("quick" if args.quick else "gpt2-small")
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder, adapters, prompts = prepare(workdir, model, args.prompt_len, 64)
+    n = args.new_tokens
+    per_client = {c: 4 if c == 1 else 2 for c in levels}  # closed loop: each client sends these back to back
+    results: dict = {"model": model, "new_tokens": n, "prompt_len": args.prompt_len, "runs": {}}
+
+    for batch in (32, 1):
+        server = Server(folder, adapters, args.port, batch, wait_ms=10.0)
+        try:
+            if batch == 32:
+                results["latency_1_client"] = _latency_vs_inprocess(server, folder, adapters, prompts, n, args)
+            runs = []
+            for c in levels:
+                before = server_stats(server.url)
+                run = asyncio.run(clients(server.url, c, per_client[c], prompts, n))
+                after = server_stats(server.url)
+                steps = after["steps"] - before["steps"]
+                run["mean_rows_per_step"] = round((after["row_steps"] - before["row_steps"]) / max(steps, 1), 2)
+                run["mixed_adapter_steps"] = after["mixed_steps"] - before["mixed_steps"]
+                runs.append(run)
+                print(f"max-batch-size {batch:2d}  {json.dumps(run)}", flush=True)
+            results["runs"][f"max_batch_size_{batch}"] = runs
+        finally:
+            server.close()
+
+    top = max(levels)
+    batched = next(r for r in results["runs"]["max_batch_size_32"] if r["clients"] == top)
+    single = next(r for r in results["runs"]["max_batch_size_1"] if r["clients"] == top)
+    results["throughput_ratio_at_max_clients"] = round(batched["tokens_per_s"] / single["tokens_per_s"], 2)
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _latency_vs_inprocess(server: Server, folder: Path, adapters, prompts, n: int, args) -> dict:
+    """1 client: server request latency vs the in-process generator, interleaved (same prompts, adapters)."""
+    local = InProcess(folder, adapters)
+    jobs = [(f"adapter{i % ADAPTERS}", prompts[i]) for i in range(args.latency_iters)]
+    state = {"server": 0, "local": 0}
+
+    def via_server():
+        model, prompt = jobs[state["server"] % len(jobs)]
+        state["server"] += 1
+        asyncio.run(_one(server.url, model, prompt, n))
+
+    def in_process():
+        model, prompt = jobs[state["local"] % len(jobs)]
+        state["local"] += 1
+        local.generate(prompt, model, n)
+
+    m = measure(
+        [Candidate.from_callable("server", via_server), Candidate.from_callable("in-process", in_process)],
+        iters=args.latency_iters,
+        warmup=1,
+    )
+    stats = m.by_name()
+    r = m.ratio("server", "in-process")
+    out = {
+        "server_p50_ms": round(stats["server"].p50, 1),
+        "server_p99_ms": round(stats["server"].p99, 1),
+        "in_process_p50_ms": round(stats["in-process"].p50, 1),
+        "in_process_p99_ms": round(stats["in-process"].p99, 1),
+        "ratio_p50": round(r.value, 3),
+        "ratio_paired": round(r.paired, 3) if r.paired is not None else None,
+    }
+    print(f"1 client, server vs in-process: {json.dumps(out)}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
