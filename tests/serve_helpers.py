@@ -15,11 +15,17 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-CORPUS = [
-    "Serving many adapters on one base model: each request names its adapter. ",
-    "The quick brown fox jumps over the lazy dog; héllo wörld ✓ 日本語 — done. ",
-    "def add(x, y):\n    return x + y\n",
-] * 20
+
+
+def _corpus() -> list[str]:
+    """Seeded pseudo-words (multi-byte characters included), enough pairs for a BPE vocabulary of 1000."""
+    import random
+
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "an", "el", "is", "ou", "ch", "th", "sh"]
+    syllables += ["ing", "ed", "er", "qu", "é", "ö", "✓", "日本", " the", " fox", "\n"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    return [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -33,7 +39,7 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(folder))

@@ -38,47 +38,50 @@ from lora_export.verify.latency import Candidate, measure, percentile  # noqa: E
 ADAPTERS = 4
 
 
-def prepare(workdir: Path, model: str, prompt_len: int, n_prompts: int, seed: int = 0):
-    """The decoder folder (bank, 4 adapters) and the prompts (random token ids), built once per workdir."""
-    from lora_export import api
-
+def prepare(workdir: Path, model: str, prompt_len: int, n_prompts: int, seed: int = 0) -> tuple[Path, list]:
+    """The decoder folder (bank, adapters adapter0..3 packed in it) and the prompts (random token ids), built
+    once per workdir."""
     folder = workdir / "decoder"
-    adapters = {f"adapter{i}": workdir / f"adapter{i}" for i in range(ADAPTERS)}
-    for i, path in enumerate(adapters.values()):
-        if not path.exists():
-            api.make_adapter(model, path, r=8, seed=100 + i)
     if not (folder / "model.onnx").exists():
-        export_decoder_folder(model, folder, list(adapters.values()))
+        from lora_export import api
+        from lora_export.adapters.peft_io import read_adapter
+        from lora_export.export.decoder import export_decoder
+        from lora_export.models import load_model
+
+        loaded = load_model(model)
+        paths = [workdir / f"adapter{i}" for i in range(ADAPTERS)]
+        for i, path in enumerate(paths):
+            if not path.exists():
+                api.make_adapter(loaded, path, r=8, seed=100 + i)
+        export_decoder(loaded, folder, adapters=[read_adapter(p) for p in paths], layout="bank", max_rank=8)
     vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, vocab - 1, size=prompt_len).tolist() for _ in range(n_prompts)]
-    return folder, adapters, prompts
-
-
-def export_decoder_folder(model: str, folder: Path, adapters: list[Path]) -> None:
-    raise NotImplementedError("waiting for the decoder export API")
+    return folder, prompts
 
 
 class InProcess:
-    """The generator on the same folder, in this process: the baseline for the server's 1-client latency."""
+    """The generator on the same folder, in this process: the baseline for the server's 1-client latency.
+    The folder's packed adapters are the ones the server serves (same names)."""
 
-    def __init__(self, folder: Path, adapters: dict[str, Path]):
-        raise NotImplementedError("waiting for the generator API")
+    def __init__(self, folder: Path):
+        from lora_export.runtime.generator import Generator
+
+        self.generator = Generator(folder)
 
     def generate(self, prompt: list[int], adapter: str, max_new_tokens: int) -> list[int]:
-        raise NotImplementedError
+        result = self.generator.generate([prompt], adapter=adapter, max_new_tokens=max_new_tokens, ignore_eos=True)
+        return result.tokens[0]
 
 
 class Server:
     """`lora-export serve` in a subprocess; `close()` is Ctrl-C and waits for it to exit."""
 
-    def __init__(self, folder: Path, adapters: dict[str, Path], port: int, max_batch_size: int, wait_ms: float):
+    def __init__(self, folder: Path, port: int, max_batch_size: int, wait_ms: float):
         from lora_export.serving import wait_ready
 
         args = [sys.executable, "-m", "lora_export", "serve", str(folder), "--port", str(port)]
-        args += ["--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(wait_ms)]
-        for name, path in adapters.items():
-            args += ["--adapter", f"{name}={path}"]
+        args += ["--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(wait_ms)]  # serves adapter0..3
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.log = open(folder.parent / f"serve_b{max_batch_size}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -170,16 +173,16 @@ def main(argv: list[str] | None = None) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     workdir = args.workdir / ("quick" if args.quick else "gpt2-small")
     workdir.mkdir(parents=True, exist_ok=True)
-    folder, adapters, prompts = prepare(workdir, model, args.prompt_len, 64)
+    folder, prompts = prepare(workdir, model, args.prompt_len, 64)
     n = args.new_tokens
     per_client = {c: 4 if c == 1 else 2 for c in levels}  # closed loop: each client sends these back to back
     results: dict = {"model": model, "new_tokens": n, "prompt_len": args.prompt_len, "runs": {}}
 
     for batch in (32, 1):
-        server = Server(folder, adapters, args.port, batch, wait_ms=10.0)
+        server = Server(folder, args.port, batch, wait_ms=10.0)
         try:
             if batch == 32:
-                results["latency_1_client"] = _latency_vs_inprocess(server, folder, adapters, prompts, n, args)
+                results["latency_1_client"] = _latency_vs_inprocess(server, folder, prompts, n, args)
             runs = []
             for c in levels:
                 before = server_stats(server.url)
@@ -205,27 +208,34 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def _latency_vs_inprocess(server: Server, folder: Path, adapters, prompts, n: int, args) -> dict:
+def _latency_vs_inprocess(server: Server, folder: Path, prompts, n: int, args) -> dict:
     """1 client: server request latency vs the in-process generator, interleaved (same prompts, adapters)."""
-    local = InProcess(folder, adapters)
+    import openai
+
+    local = InProcess(folder)
+    api = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)  # one connection, reused
     jobs = [(f"adapter{i % ADAPTERS}", prompts[i]) for i in range(args.latency_iters)]
     state = {"server": 0, "local": 0}
 
     def via_server():
         model, prompt = jobs[state["server"] % len(jobs)]
         state["server"] += 1
-        asyncio.run(_one(server.url, model, prompt, n))
+        reply = api.completions.create(
+            model=model, prompt=prompt, max_tokens=n, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert reply.usage.completion_tokens == n
 
     def in_process():
         model, prompt = jobs[state["local"] % len(jobs)]
         state["local"] += 1
-        local.generate(prompt, model, n)
+        assert len(local.generate(prompt, model, n)) == n
 
     m = measure(
         [Candidate.from_callable("server", via_server), Candidate.from_callable("in-process", in_process)],
         iters=args.latency_iters,
         warmup=1,
     )
+    api.close()
     stats = m.by_name()
     r = m.ratio("server", "in-process")
     out = {

@@ -42,6 +42,11 @@ from lora_export.cli import cli, display
 @click.option("--address", default=None, help="Join this Ray cluster (default: $RAY_ADDRESS, else start a local one).")
 @click.option("--api-key", default=None, envvar="LORA_EXPORT_API_KEY", help="Require 'Authorization: Bearer KEY'.")
 @click.option("--model-name", default=None, help="The base model's name in the API (default: the folder's name).")
+@click.option(
+    "--no-folder-adapters",
+    is_flag=True,
+    help="Do not serve the folder's own adapters/NAME.onnx_adapter files (served as NAME by default).",
+)
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads per replica.")
 @click.option(
     "--cpus-per-replica", type=click.FloatRange(0), default=1.0, show_default=True, help="Ray CPUs a replica reserves."
@@ -58,6 +63,7 @@ def serve(
     address,
     api_key,
     model_name,
+    no_folder_adapters,
     threads,
     cpus_per_replica,
 ):
@@ -81,10 +87,11 @@ def serve(
         api_key=api_key,
         threads=threads,
         cpus_per_replica=cpus_per_replica,
+        folder_adapters=not no_folder_adapters,
     )
 
     def ready(url: str) -> None:
-        names = ", ".join([config.model_name, *config.adapters])
+        names = ", ".join([config.model_name, *config.served_adapters()])
         display.err.print(f"[green]✓[/green] serving {url} (models: {names}); Ctrl-C to stop", highlight=False)
 
     try:

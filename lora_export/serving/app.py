@@ -79,7 +79,7 @@ class IngressBackend:
     def __init__(self, engine, config: ServeConfig):
         self.engine = engine
         self.config = config
-        self.table = AdapterTable(config.model_name, config.adapters)
+        self.table = AdapterTable(config.model_name, config.served_adapters())
         self.replica_stats: dict[str, dict[str, Any]] = {}
         self._adapter_lock = asyncio.Lock()
         self._context_length = config.context_length()

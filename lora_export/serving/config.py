@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_export.decoder_folder import read_folder
 from lora_export.errors import UserError
 
 
@@ -25,6 +25,7 @@ class ServeConfig:
     api_key: str | None = None
     threads: int | None = None  # ONNX Runtime intra-op threads per replica (default: ORT's)
     cpus_per_replica: float = 1.0  # Ray resources a replica asks for
+    folder_adapters: bool = True  # also serve the folder's adapters/NAME.onnx_adapter as NAME
     app_name: str = "lora-export"
 
     def __post_init__(self) -> None:
@@ -37,12 +38,7 @@ class ServeConfig:
 
     def check(self) -> None:
         """One-line errors for what can be checked without Ray: the folder, the numbers, the names."""
-        folder = Path(self.folder)
-        if not folder.is_dir():
-            raise UserError(f"{folder} is not a folder: give a decoder folder written by export-decoder")
-        for need in ("model.onnx", "genai_config.json"):
-            if not (folder / need).is_file():
-                raise UserError(f"{folder} has no {need}: give a decoder folder written by export-decoder")
+        read_folder(self.folder)  # a decoder folder: genai_config.json, the graph it names
         for name, value in (("replicas", self.replicas), ("max-batch-size", self.max_batch_size)):
             if value < 1:
                 raise UserError(f"--{name} must be at least 1, got {value}")
@@ -50,22 +46,21 @@ class ServeConfig:
             raise UserError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
         if not 0 < self.port < 65536:
             raise UserError(f"--port must be 1..65535, got {self.port}")
-        for name, path in self.adapters.items():
+        for name, path in self.served_adapters().items():
             if name == self.model_name:
                 raise UserError(f"adapter name {name!r} is the base model's name: pick another name")
             if not Path(path).exists():
                 raise UserError(f"adapter {name!r}: {path} does not exist")
 
-    def context_length(self) -> int | None:
-        return read_genai_config(self.folder).get("model", {}).get("context_length")
+    def served_adapters(self) -> dict[str, str]:
+        """The adapters served from the start: the folder's own (unless turned off), then --adapter ones."""
+        from lora_export.serving.model import folder_adapters
 
+        own = folder_adapters(self.folder) if self.folder_adapters else {}
+        return {**own, **self.adapters}
 
-def read_genai_config(folder: str | Path) -> dict:
-    path = Path(folder) / "genai_config.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read it ({e}): re-export the folder with export-decoder") from None
+    def context_length(self) -> int:
+        return read_folder(self.folder).facts.context_length
 
 
 def parse_adapter_option(values: tuple[str, ...] | list[str]) -> dict[str, str]:

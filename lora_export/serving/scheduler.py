@@ -172,6 +172,7 @@ class SchedulerStats:
 class _Row:
     stream: TokenStream
     text: IncrementalText | None
+    sampling: Any  # runtime.sampling.SamplingParams
     rng: np.random.Generator | None
     arrived: float
     tokens: list[int] = field(default_factory=list)
@@ -232,8 +233,14 @@ class Scheduler:
             request.id = f"req-{next(self._ids)}"
         stream = TokenStream(request, on_event)
         text = IncrementalText(self.detokenize, p.stop) if self.detokenize is not None else None
-        rng = np.random.default_rng(p.seed) if p.temperature > 0 else None
-        row = _Row(stream, text, rng, self.clock())
+        # imported here, not at the top: `lora_export.runtime` pulls in torch, which the HTTP ingress (this
+        # module's other user, for SamplingParams) has no use for
+        from lora_export.runtime.sampling import SamplingParams as RowSampling
+
+        sampling = RowSampling(
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed, max_new_tokens=p.max_tokens
+        )
+        row = _Row(stream, text, sampling, None if sampling.greedy else sampling.rng(), self.clock())
         with self._cond:
             self.stats.requests += 1
             self._waiting.append(row)
@@ -440,31 +447,8 @@ def _mixed(rows: list[_Row]) -> int:
 
 
 def sample_rows(logits: np.ndarray, rows: list[_Row]) -> list[int]:
-    """One token per row: greedy for temperature 0, else temperature / top-k / top-p with the row's own
-    seeded generator (so a seeded request is reproducible whatever else shares its batch)."""
-    logits = np.asarray(logits)
-    out = []
-    for i, row in enumerate(rows):
-        p = row.request.params
-        if row.rng is None:
-            out.append(int(np.argmax(logits[i])))
-        else:
-            out.append(sample_token(logits[i], p, row.rng))
-    return out
+    """One token per row, greedy or sampled with the row's own parameters and seeded generator (the generator's
+    `runtime.sampling`), so a seeded request samples the same tokens whatever else shares its batch."""
+    from lora_export.runtime.sampling import pick_rows
 
-
-def sample_token(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-    x = logits.astype(np.float64) / p.temperature
-    if p.top_k and p.top_k < x.shape[-1]:
-        cut = np.partition(x, -p.top_k)[-p.top_k]
-        x = np.where(x < cut, -np.inf, x)
-    probs = np.exp(x - x.max())
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cum = np.cumsum(probs[order])
-        keep = order[: int(np.searchsorted(cum, p.top_p)) + 1]
-        mask = np.zeros_like(probs)
-        mask[keep] = probs[keep]
-        probs = mask / mask.sum()
-    return int(rng.choice(probs.shape[-1], p=probs))
+    return pick_rows(np.asarray(logits), [r.sampling for r in rows], [r.rng for r in rows]).tolist()
