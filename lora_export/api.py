@@ -12,8 +12,8 @@ from pathlib import Path
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
-from lora_export.adapters.random import random_adapter
 from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+from lora_export.adapters.synthetic import random_adapter
 from lora_export.errors import UserError
 from lora_export.export.merged import ExportResult
 from lora_export.fileio import check_output_path
