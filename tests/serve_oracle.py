@@ -2,9 +2,9 @@
 
 `sample:gpt2` exported with `export-decoder --layout bank` and four random PEFT adapters (non-zero B) packed
 into the folder; a fifth adapter (a PEFT directory) for loading at run time; a byte-level tokenizer with a
-chat template written into the folder. The adapters are strong (scale 64) so that
-every adapter's tokens differ from the base model's and from each other's: a mix-up cannot go unnoticed. The reference is `runtime.Generator` on the same folder, each request
-generated alone with its own adapter."""
+chat template written into the folder. The adapters are strong (scale 64) so that every adapter's tokens
+differ from the base model's and from each other's: a mix-up cannot go unnoticed. The reference is
+`runtime.Generator` on the same folder, each request generated alone with its own adapter."""
 
 from __future__ import annotations
 
