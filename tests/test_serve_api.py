@@ -15,15 +15,15 @@ import httpx2
 import openai
 import pytest
 from serve_helpers import ServerProcess, free_port
-from serve_oracle import DecoderFixture, make_decoder
+from serve_oracle import DecoderFixture
 
 KEY = "test-key"
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory) -> DecoderFixture:
-    return make_decoder(tmp_path_factory.mktemp("serve_decoder"), adapters=5)
+def decoder(serve_decoder) -> DecoderFixture:
+    return serve_decoder
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,8 @@ def test_completion_equals_offline_greedy_and_stream_equals_it_too(client, decod
     adapter = None if which is None else decoder.adapter_names[which]
     prompt = decoder.prompts[3 + (which or 0)]
     want = decoder.greedy(prompt, adapter, 20)
+    others = [decoder.greedy(prompt, a, 20) for a in (None, *decoder.adapter_names[:2]) if a != adapter]
+    assert all(o != want for o in others)  # the adapters really change the tokens: a mix-up would show
     reply = client.completions.create(
         model=model, prompt=prompt, max_tokens=20, temperature=0, extra_body={"return_token_ids": True}
     )
@@ -108,6 +110,20 @@ def test_text_prompt_and_chat_use_the_folders_tokenizer(client, decoder):
     stream = client.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0, stream=True)
     parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(parts) == chat.choices[0].message.content
+
+
+def test_seeded_sampling_equals_the_offline_generator(client, decoder):
+    prompt, name = decoder.prompts[5], decoder.adapter_names[3]
+    knobs = dict(temperature=0.8, top_p=0.9, seed=1234)
+    want = decoder.generator.generate([prompt], adapter=name, max_new_tokens=16, **knobs).tokens[0]
+    got = [
+        _ids(client.completions.create(
+            model=name, prompt=prompt, max_tokens=16, **knobs, extra_body={"return_token_ids": True}
+        ).choices[0])
+        for _ in range(2)
+    ]  # fmt: skip
+    assert got[0] == got[1] == want
+    assert want != decoder.greedy(prompt, name, 16)  # it really sampled
 
 
 def test_stop_string_ends_the_reply_before_it(client, decoder):

@@ -312,3 +312,32 @@ def test_submit_rejects_bad_requests():
         sched.submit(Request([], None, greedy(1)))
     with pytest.raises(ValueError, match="tokenizer"):
         sched.submit(Request([1], None, greedy(1, stop=("x",))))
+
+
+def test_scheduler_on_the_real_decoder_rows_join_and_leave_and_match_alone(serve_decoder):
+    """The scheduler over the bank decoder folder (runtime.Generator), no Ray: rows with different adapters
+    prefilled together, more joining a running batch (KV caches of different lengths), rows leaving at
+    different steps; each row's tokens equal the offline generator's for that request alone."""
+    from lora_export.runtime.generator import Generator
+    from lora_export.serving.model import GeneratorModel
+
+    d = serve_decoder
+    gen = Generator(d.folder, threads=1)
+    gen.load_adapter("ad4", d.adapters["ad4"])
+    sched = Scheduler(GeneratorModel(gen), max_batch_size=8, batch_wait_ms=0, eos_token_ids=d.eos)
+    first = [(None, 0, 9), ("ad0", 1, 5), ("ad4", 2, 12)]
+    later = [("ad1", 3, 7), ("ad3", 4, 4), ("ad0", 5, 10)]
+
+    def submit(specs):
+        return [sched.submit(Request(d.prompts[i], a, greedy(n, ignore_eos=True))) for a, i, n in specs]
+
+    streams = submit(first)
+    for _ in range(3):
+        sched.step(timeout=0)
+    streams += submit(later)
+    drain(sched)
+    for s, (a, i, n) in zip(streams, first + later):
+        assert s.collect(timeout=1)[0] == d.greedy(d.prompts[i], a, n, ignore_eos=True), (a, i)
+    st = sched.stats
+    assert st.batches_formed == 1 and st.mixed_batches == 1 and st.joins == 1 and st.joined_rows == 3
+    assert st.max_rows == 6 and st.mixed_steps >= st.steps - 2  # only ad4's last tokens ran alone
