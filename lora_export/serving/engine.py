@@ -270,4 +270,4 @@ class ServeEngine:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {**self.scheduler.stats.to_dict(), "layout": self.model.layout, "adapters_resident": len(self._resident)}
+        return {**self.scheduler.stats.to_dict(), "layout": self.model.layout, "adapters_resident": self.resident()}
