@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,56 +163,61 @@ def test_32_concurrent_requests_over_4_adapters_and_base_each_get_their_own_toke
     assert after["max_rows"] >= 8  # rows really shared forwards
 
 
+def _admin(server, path: str, body: dict):
+    return httpx2.post(f"{server.url}/{path}", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+
+
 def test_load_use_unload_while_in_flight(client, server, decoder):
     name = decoder.adapter_names[4]
     prompt = decoder.prompts[1]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
-    r = httpx2.post(
-        f"{server.url}/load_lora_adapter",
-        json={"lora_name": name, "lora_path": str(decoder.adapters[name])},
-        headers={"Authorization": f"Bearer {KEY}"},
-    )
-    assert r.status_code == 200, r.text
-    assert name in {m.id for m in client.models.list().data}
-    reply = client.completions.create(
-        model=name, prompt=prompt, max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
-    )
-    assert _ids(reply.choices[0]) == decoder.greedy(prompt, name, 8)
-
-    # long requests in flight, then unload: they finish with the adapter they started with
     n = decoder.context_length - 16
-    inflight = 8
 
-    def long_request(i):
-        reply = client.completions.create(
-            model=name, prompt=decoder.prompts[i][:8], max_tokens=n, temperature=0,
+    def long_request(i, started):
+        stream = client.completions.create(
+            model=name, prompt=decoder.prompts[i][:8], max_tokens=n, temperature=0, stream=True,
             extra_body={"return_token_ids": True, "ignore_eos": True},
         )  # fmt: skip
-        return _ids(reply.choices[0])
+        out = []
+        for c in stream:
+            if c.choices:
+                out += _ids(c.choices[0])
+                started.set()
+        return out
 
-    before = stats(server)["total"]
-    with concurrent.futures.ThreadPoolExecutor(inflight) as pool:
-        futures = [pool.submit(long_request, i) for i in range(inflight)]
-        deadline = time.monotonic() + 120
-        while stats(server)["total"]["requests"] - before["requests"] < inflight:  # all admitted
-            assert time.monotonic() < deadline and not any(f.done() for f in futures)
-            time.sleep(0.02)
-        r = httpx2.post(
-            f"{server.url}/unload_lora_adapter", json={"lora_name": name}, headers={"Authorization": f"Bearer {KEY}"}
-        )
+    # The race is the point (unload while rows run), so the server's own count says whether it happened:
+    # `deferred_unloads` grows when the unload reaches the replica while requests still use the adapter.
+    # On a loaded machine the rows may all finish first; then the round is repeated with more rows.
+    for inflight in (8, 16, 32):
+        r = _admin(server, "load_lora_adapter", {"lora_name": name, "lora_path": str(decoder.adapters[name])})
         assert r.status_code == 200, r.text
-        still_running = inflight - (stats(server)["total"]["finished"] - before["finished"])
-        with pytest.raises(openai.NotFoundError) as e:  # the next request for it, while the others run
-            client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
-        assert e.value.body["code"] == "model_not_found"
-        results = [f.result(timeout=180) for f in futures]
-    assert still_running > 0, "every request had finished before the unload: make them longer"
-    for i, got in enumerate(results):
-        assert got == decoder.greedy(decoder.prompts[i][:8], name, n, ignore_eos=True)
-    r = httpx2.post(
-        f"{server.url}/unload_lora_adapter", json={"lora_name": name}, headers={"Authorization": f"Bearer {KEY}"}
-    )
+        assert name in {m.id for m in client.models.list().data}
+        reply = client.completions.create(
+            model=name, prompt=prompt, max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
+        )
+        assert _ids(reply.choices[0]) == decoder.greedy(prompt, name, 8)
+
+        before = stats(server)["total"]
+        started = [threading.Event() for _ in range(inflight)]
+        with concurrent.futures.ThreadPoolExecutor(inflight) as pool:
+            futures = [pool.submit(long_request, i % len(decoder.prompts), e) for i, e in enumerate(started)]
+            assert all(e.wait(120) for e in started)  # every request is generating
+            r = _admin(server, "unload_lora_adapter", {"lora_name": name})
+            assert r.status_code == 200, r.text
+            with pytest.raises(openai.NotFoundError) as e:  # the next request for it, while the others run
+                client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
+            assert e.value.body["code"] == "model_not_found"
+            results = [f.result(timeout=300) for f in futures]
+        for i, got in enumerate(results):  # the in-flight requests kept their adapter to the end
+            assert got == decoder.greedy(decoder.prompts[i % len(decoder.prompts)][:8], name, n, ignore_eos=True)
+        after = stats(server)["total"]
+        if after["deferred_unloads"] > before["deferred_unloads"]:
+            break
+    else:
+        pytest.fail("every in-flight request had finished before the unload reached the replica, three times")
+    assert not any(k.startswith(f"{name}@") for k in stats(server)["replicas"].popitem()[1]["adapters_resident"])
+    r = _admin(server, "unload_lora_adapter", {"lora_name": name})
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -282,3 +288,22 @@ def test_client_sample_runs_against_the_server(server, decoder, capsys):
     assert texts[names[0]] == decoder.decode(decoder.greedy(ids, names[0], 10))
     assert texts["streamed"] == texts[names[1]] == decoder.decode(decoder.greedy(ids, names[1], 10))
     assert "streamed == non-streamed: True" in capsys.readouterr().out
+
+
+def test_a_client_that_goes_away_frees_its_row(client, server, decoder):
+    before = stats(server)["total"]
+    n = decoder.context_length - 16
+    body = dict(
+        model=decoder.adapter_names[1], prompt=decoder.prompts[2][:8], max_tokens=n, extra_body={"ignore_eos": True}
+    )
+    stream = client.completions.create(**body, stream=True)
+    next(iter(stream))
+    stream.close()  # streaming: the connection closes after the first chunk
+    with pytest.raises(openai.APITimeoutError):
+        client.with_options(timeout=0.2).completions.create(**body)  # non-streaming: the client gives up
+    deadline = time.monotonic() + 60
+    while stats(server)["total"]["cancelled"] - before["cancelled"] < 2:
+        assert time.monotonic() < deadline, "the abandoned requests were not cancelled"
+        time.sleep(0.1)
+    after = stats(server)["total"]
+    assert after["tokens"] - before["tokens"] < 2 * n  # they stopped early, not at max_tokens

@@ -22,7 +22,7 @@ from ray import serve
 from lora_export.serving import protocol as p
 from lora_export.serving.config import ServeConfig
 from lora_export.serving.openai_api import build_http_app
-from lora_export.serving.protocol import AdapterRef, ApiError, EngineRequest
+from lora_export.serving.protocol import AdapterRef, ApiError, EngineRequest, LiveTable
 from lora_export.serving.registry import AdapterTable
 
 
@@ -41,11 +41,11 @@ class EngineDeployment:
             model, tokenizer, max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms, replica=replica
         )
 
-    async def stream(self, request: EngineRequest, live: dict[str, int]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: EngineRequest, live: LiveTable) -> AsyncIterator[dict[str, Any]]:
         async for event in self.engine.stream(request, live):
             yield event
 
-    async def complete(self, request: EngineRequest, live: dict[str, int]) -> dict[str, Any]:
+    async def complete(self, request: EngineRequest, live: LiveTable) -> dict[str, Any]:
         return await self.engine.complete(request, live)
 
     async def check_adapter(self, ref: AdapterRef) -> dict[str, Any] | None:
@@ -56,7 +56,7 @@ class EngineDeployment:
             return {"status": e.status, "body": e.body()}
         return None
 
-    async def sync(self, live: dict[str, int]) -> None:
+    async def sync(self, live: LiveTable) -> None:
         self.engine.sync(live)
 
     async def stats(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from lora_export.errors import UserError
-from lora_export.serving.protocol import AdapterRef, ApiError, EngineRequest
+from lora_export.serving.protocol import AdapterRef, ApiError, EngineRequest, LiveTable
 from lora_export.serving.scheduler import BatchModel, Delta, Finish, Request, Scheduler
 
 
@@ -65,7 +65,9 @@ class ServeEngine:
         )
         self._resident: set[str] = set()
         self._in_use: Counter[str] = Counter()
-        self._live: dict[str, int] | None = None
+        self._live: LiveTable | None = None
+        self._deferred: set[str] = set()
+        self.deferred_unloads = 0  # unloaded (or replaced) while requests were still using them
         self._lock = threading.Lock()
         self._load_locks: dict[str, threading.Lock] = {}
         self.scheduler.start()
@@ -100,22 +102,22 @@ class ServeEngine:
                 self._resident.add(ref.key)
                 self._load_locks.pop(ref.key, None)
 
-    def sync(self, live: dict[str, int] | None) -> None:
+    def sync(self, live: LiveTable | None) -> None:
         """The ingress's current table: drop resident versions it no longer lists (once no request holds them)."""
-        if live is None:
-            return
         with self._lock:
-            self._live = dict(live)
+            if live is None or (self._live is not None and live.revision <= self._live.revision):
+                return
+            self._live = live
             stale = [k for k in self._resident if not self._is_live(k) and not self._in_use[k]]
+            held = {k for k in self._resident if not self._is_live(k) and self._in_use[k]}
+            self.deferred_unloads += len(held - self._deferred)  # dropped when their last request ends
+            self._deferred |= held
             self._resident.difference_update(stale)
         for key in stale:
             self.model.unload_adapter(key)
 
     def _is_live(self, key: str) -> bool:
-        if self._live is None:
-            return True
-        name, _, version = key.rpartition("@")
-        return self._live.get(name) == int(version)
+        return self._live is None or self._live.lists(key)
 
     def _hold(self, key: str | None) -> None:
         if key is not None:
@@ -132,6 +134,7 @@ class ServeEngine:
                 del self._in_use[key]
             if drop:
                 self._resident.discard(key)
+                self._deferred.discard(key)
         if drop:
             self.model.unload_adapter(key)
 
@@ -207,21 +210,23 @@ class ServeEngine:
             )
         return ids
 
-    async def stream(self, req: EngineRequest, live: dict[str, int] | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, req: EngineRequest, live: LiveTable | None = None) -> AsyncIterator[dict[str, Any]]:
         self.sync(live)
         loop = asyncio.get_running_loop()
         key = req.adapter.key if req.adapter is not None else None
-        try:
-            sreq = self.prepare(req)
-            if req.adapter is not None:
-                await loop.run_in_executor(None, self.ensure_adapter, req.adapter)
-        except ApiError as e:
-            yield {"rejected": {"status": e.status, "body": e.body()}}
-            return
-        queue: asyncio.Queue = asyncio.Queue()
-        self._hold(key)
+        self._hold(key)  # before loading it: a sync in between must not drop it
+        held = True
+        sreq = None
         finished = False
         try:
+            try:
+                sreq = self.prepare(req)
+                if req.adapter is not None:
+                    await loop.run_in_executor(None, self.ensure_adapter, req.adapter)
+            except ApiError as e:
+                yield {"rejected": {"status": e.status, "body": e.body()}}
+                return
+            queue: asyncio.Queue = asyncio.Queue()
             self.scheduler.submit(sreq, on_event=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
             yield {"prompt_tokens": len(sreq.prompt_ids)}
             while not finished:
@@ -237,14 +242,16 @@ class ServeEngine:
                     yield {"ids": ids, "text": "".join(text)}
                 for ev in events:
                     if isinstance(ev, Finish):
-                        finished = True
+                        finished, held = True, False
+                        self._release(key)  # before the reply leaves: the client may act on it at once
                         yield self._finish_event(ev)
         finally:
-            if not finished:
+            if sreq is not None and not finished:
                 self.scheduler.cancel(sreq.id)
-            self._release(key)
+            if held:
+                self._release(key)
 
-    async def complete(self, req: EngineRequest, live: dict[str, int] | None = None) -> dict[str, Any]:
+    async def complete(self, req: EngineRequest, live: LiveTable | None = None) -> dict[str, Any]:
         ids: list[int] = []
         text: list[str] = []
         async for event in self.stream(req, live):
@@ -270,4 +277,9 @@ class ServeEngine:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {**self.scheduler.stats.to_dict(), "layout": self.model.layout, "adapters_resident": self.resident()}
+        return {
+            **self.scheduler.stats.to_dict(),
+            "layout": self.model.layout,
+            "adapters_resident": self.resident(),
+            "deferred_unloads": self.deferred_unloads,
+        }

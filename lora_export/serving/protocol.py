@@ -235,6 +235,20 @@ class AdapterRef:
         return f"{self.name}@{self.version}"
 
 
+@dataclass(frozen=True)
+class LiveTable:
+    """The ingress's adapter table as replicas see it: name -> version, and a revision that grows with every
+    load/unload (a replica ignores a table older than one it has seen: requests can arrive out of order)."""
+
+    revision: int
+    versions: dict[str, int]
+
+    def lists(self, key: str) -> bool:
+        """Whether `name@version` is current."""
+        name, _, version = key.rpartition("@")
+        return self.versions.get(name) == int(version)
+
+
 @dataclass
 class EngineRequest:
     prompt: str | list[int] | None  # text or token ids (completions)

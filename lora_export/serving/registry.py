@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 
-from lora_export.serving.protocol import AdapterRef, ApiError, model_not_found
+from lora_export.serving.protocol import AdapterRef, ApiError, LiveTable, model_not_found
 
 
 class AdapterTable:
@@ -17,6 +17,7 @@ class AdapterTable:
         self.base_name = base_name
         self._versions = itertools.count(1)
         self._table: dict[str, AdapterRef] = {}
+        self.revision = 0
         for name, path in (adapters or {}).items():
             self.add(self.new_ref(name, path))
 
@@ -33,6 +34,7 @@ class AdapterTable:
 
     def add(self, ref: AdapterRef) -> None:
         self._table = {**self._table, ref.name: ref}
+        self.revision += 1
 
     def remove(self, name: str) -> AdapterRef:
         if name not in self._table:
@@ -41,6 +43,7 @@ class AdapterTable:
             )
         ref = self._table[name]
         self._table = {k: v for k, v in self._table.items() if k != name}
+        self.revision += 1
         return ref
 
     def resolve(self, model: str) -> AdapterRef | None:
@@ -52,9 +55,9 @@ class AdapterTable:
             raise model_not_found(model)
         return ref
 
-    def live(self) -> dict[str, int]:
+    def live(self) -> LiveTable:
         """name -> version of every current adapter (replicas drop what is not here)."""
-        return {n: r.version for n, r in self._table.items()}
+        return LiveTable(self.revision, {n: r.version for n, r in self._table.items()})
 
     def refs(self) -> list[AdapterRef]:
         return list(self._table.values())

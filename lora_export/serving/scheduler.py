@@ -150,6 +150,7 @@ class TokenStream:
 class SchedulerStats:
     requests: int = 0  # submitted
     finished: int = 0
+    cancelled: int = 0  # ... of which were cancelled (a client that went away) or cut by a stop()
     batches_formed: int = 0  # batches started from an empty scheduler
     mixed_batches: int = 0  # ... of which held more than one adapter (the base model counts as one)
     joins: int = 0  # prefill groups appended to a running batch
@@ -439,6 +440,7 @@ class Scheduler:
         if row.stream.finished:
             return
         self.stats.finished += 1
+        self.stats.cancelled += reason == "cancelled"
         row.stream.put(Finish(reason, len(row.request.prompt_ids), len(row.tokens), error))
 
 
