@@ -299,3 +299,21 @@ def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progr
         report = verify_graph(loaded, result.path, [adapter])
     params = sum(p.numel() for p in loaded.module.parameters())
     return DemoResult(adapter, result, report, params)
+
+
+def serve(
+    folder: str | Path,
+    *,
+    adapters: dict[str, str | Path] | None = None,
+    on_ready: Callable[[str, list[str]], None] | None = None,
+    stop: Any = None,
+    **options: Any,
+) -> None:
+    """Serve a decoder folder with the OpenAI-compatible API on Ray Serve until Ctrl-C / SIGTERM (or until the
+    `threading.Event` `stop` is set); `options` are `serving.ServeConfig` fields (port, replicas,
+    max_batch_size, batch_wait_ms, address, api_key, ...). Nothing this started is left running."""
+    from lora_export.serving import ServeConfig
+    from lora_export.serving import serve as run_server
+
+    config = ServeConfig(str(folder), {k: str(v) for k, v in (adapters or {}).items()}, **options)
+    run_server(config, on_ready=on_ready, stop=stop)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 
 
 @cli.command("serve")
@@ -70,12 +71,11 @@ def serve(
     """Serve a decoder folder (export-decoder) with an OpenAI-compatible API on Ray Serve; the request's
     `model` names the adapter, and rows for different adapters share one forward (bank folders). Ctrl-C
     stops the application and the Ray instance it started."""
-    from lora_export.serving import ServeConfig, parse_adapter_option
-    from lora_export.serving import serve as run_server
+    from lora_export import api
+    from lora_export.serving import parse_adapter_option
 
-    config = ServeConfig(
-        folder,
-        parse_adapter_option(adapters),
+    named = parse_adapter_option(adapters)
+    options = dict(
         model_name=model_name,
         host=host,
         port=port,
@@ -90,12 +90,12 @@ def serve(
         folder_adapters=not no_folder_adapters,
     )
 
-    def ready(url: str) -> None:
-        names = ", ".join([config.model_name, *config.served_adapters()])
+    def ready(url: str, models: list[str]) -> None:
+        names = ", ".join(models)
         display.err.print(f"[green]✓[/green] serving {url} (models: {names}); Ctrl-C to stop", highlight=False)
 
     try:
-        run_server(config, on_ready=ready)
+        api.serve(folder, adapters=named, on_ready=ready, **options)
     except KeyboardInterrupt:  # a second Ctrl-C during startup: what was started is stopped all the same
         pass
     display.err.print("stopped", highlight=False)

@@ -23,10 +23,11 @@ SHUTDOWN_TIMEOUT_S = 60.0
 def serve(
     config: ServeConfig,
     *,
-    on_ready: Callable[[str], None] | None = None,
+    on_ready: Callable[[str, list[str]], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
-    """Serve until Ctrl-C / SIGTERM (or until `stop` is set); nothing started here is left running."""
+    """Serve until Ctrl-C / SIGTERM (or until `stop` is set); nothing started here is left running.
+    `on_ready(url, model names)` is called once the application answers."""
     config.check()
     import ray
     from ray import serve as ray_serve
@@ -52,7 +53,7 @@ def serve(
             if errors:
                 raise UserError("; ".join(errors))
             if on_ready is not None and not signals.received:
-                on_ready(f"http://{config.host}:{config.port}/v1")
+                on_ready(f"http://{config.host}:{config.port}/v1", [config.model_name, *config.served_adapters()])
             while not (signals.received or stop.is_set()):
                 time.sleep(0.2)
         finally:
