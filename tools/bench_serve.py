@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--per-client", default="4,2,2", help="requests each client sends, per concurrency level")
     parser.add_argument("--latency-iters", type=int, default=8, help="1-client requests timed vs in-process")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", type=Path, default=None)
@@ -175,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     folder, prompts = prepare(workdir, model, args.prompt_len, 64)
     n = args.new_tokens
-    per_client = {c: 4 if c == 1 else 2 for c in levels}  # closed loop: each client sends these back to back
+    counts = [int(x) for x in args.per_client.split(",")]
+    per_client = dict(zip(levels, counts))  # closed loop: each client sends these back to back
+    load_at_start = os.getloadavg()
     results: dict = {"model": model, "new_tokens": n, "prompt_len": args.prompt_len, "runs": {}}
 
     for batch in (32, 1):
@@ -201,7 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     batched = next(r for r in results["runs"]["max_batch_size_32"] if r["clients"] == top)
     single = next(r for r in results["runs"]["max_batch_size_1"] if r["clients"] == top)
     results["throughput_ratio_at_max_clients"] = round(batched["tokens_per_s"] / single["tokens_per_s"], 2)
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": load_at_start,
+        "load_average_at_end": os.getloadavg(),
+    }
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
