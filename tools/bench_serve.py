@@ -61,17 +61,42 @@ def prepare(workdir: Path, model: str, prompt_len: int, n_prompts: int, seed: in
 
 
 class InProcess:
-    """The generator on the same folder, in this process: the baseline for the server's 1-client latency.
-    The folder's packed adapters are the ones the server serves (same names)."""
+    """The baseline for the server's 1-client latency: the generator opened exactly as a server replica opens
+    it, in a worker process of its own session (the server's processes run in sessions of their own too; with
+    the kernel's per-session CPU shares, a generator inside this process would get a smaller share of a busy
+    machine than the replica and the comparison would flatter the server). Requests go over a pipe."""
 
     def __init__(self, folder: Path):
-        from lora_export.runtime.generator import Generator
-
-        self.generator = Generator(folder)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder)]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True
+        )
+        assert self.proc.stdout.readline().strip() == "ready"
 
     def generate(self, prompt: list[int], adapter: str, max_new_tokens: int) -> list[int]:
-        result = self.generator.generate([prompt], adapter=adapter, max_new_tokens=max_new_tokens, ignore_eos=True)
-        return result.tokens[0]
+        self.proc.stdin.write(json.dumps([prompt, adapter, max_new_tokens]) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def worker(folder: str) -> None:
+    """`--worker FOLDER`: generate for JSON lines [prompt, adapter, max_new_tokens] on stdin, tokens on stdout."""
+    from lora_export.serving.model import folder_adapters, open_served_model
+
+    model, _ = open_served_model(folder)
+    generator = model.generator
+    for name, path in folder_adapters(folder).items():
+        generator.load_adapter(name, path)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        prompt, adapter, n = json.loads(line)
+        result = generator.generate([prompt], adapter=adapter, max_new_tokens=n, ignore_eos=True)
+        print(json.dumps(result.tokens[0]), flush=True)
 
 
 class Server:
@@ -218,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _latency_vs_inprocess(server: Server, folder: Path, prompts, n: int, args) -> dict:
-    """1 client: server request latency vs the in-process generator, interleaved (same prompts, adapters)."""
+    """1 client: server request latency vs the in-process generator, interleaved (same prompts, adapters); and
+    the client's latency vs the time the request spent inside the replica (the server's own overhead: HTTP,
+    proxy, ingress, Ray calls, the batch window), which does not depend on how the machine shares its CPUs."""
     import openai
 
     local = InProcess(folder)
@@ -239,12 +266,18 @@ def _latency_vs_inprocess(server: Server, folder: Path, prompts, n: int, args) -
         state["local"] += 1
         assert len(local.generate(prompt, model, n)) == n
 
+    via_server(), in_process()  # warm-up, outside the server's counters below
+    before = server_stats(server.url)
     m = measure(
         [Candidate.from_callable("server", via_server), Candidate.from_callable("in-process", in_process)],
         iters=args.latency_iters,
-        warmup=1,
+        warmup=0,
     )
+    after = server_stats(server.url)
     api.close()
+    local.close()
+    # inside the replica: submit -> finish of each request (the generator's work, as the scheduler ran it)
+    engine_ms = (after["request_ms"] - before["request_ms"]) / max(after["finished"] - before["finished"], 1)
     stats = m.by_name()
     r = m.ratio("server", "in-process")
     out = {
@@ -254,10 +287,17 @@ def _latency_vs_inprocess(server: Server, folder: Path, prompts, n: int, args) -
         "in_process_p99_ms": round(stats["in-process"].p99, 1),
         "ratio_p50": round(r.value, 3),
         "ratio_paired": round(r.paired, 3) if r.paired is not None else None,
+        "server_engine_mean_ms": round(engine_ms, 1),
+        "server_mean_ms": round(stats["server"].mean, 1),
+        "server_overhead_ms": round(stats["server"].mean - engine_ms, 1),
+        "server_over_engine": round(stats["server"].mean / engine_ms, 3),
     }
     print(f"1 client, server vs in-process: {json.dumps(out)}", flush=True)
     return out
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2])
+    else:
+        main()

@@ -139,8 +139,11 @@ class IngressBackend:
     async def stats(self) -> dict[str, Any]:
         now = await self.engine.stats.remote()
         self.replica_stats[now["replica"]] = now["stats"]
-        counters = [s for s in self.replica_stats.values()]
-        total = {k: sum(s[k] for s in counters) for k, v in counters[0].items() if isinstance(v, int)}
+        counters = list(self.replica_stats.values())
+        numbers = [k for k, v in counters[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        total = {k: sum(c[k] for c in counters) for k in numbers}
+        total["mean_rows_per_step"] = round(total["row_steps"] / total["steps"], 3) if total["steps"] else 0.0
+        total["max_rows"] = max(c["max_rows"] for c in counters)
         return {"replicas": dict(self.replica_stats), "total": total}
 
 

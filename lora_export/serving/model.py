@@ -52,10 +52,12 @@ class GeneratorModel:
 
 
 def open_served_model(folder: str | Path, *, threads: int | None = None) -> tuple[GeneratorModel, Any]:
-    """The folder's decoder (adapters loaded on demand by the engine) and its tokenizer (None without one)."""
+    """The folder's decoder (adapters loaded on demand by the engine) and its tokenizer (None without one).
+    ONNX Runtime's intra-op threads do not spin between runs: a replica shares its cores with the Serve proxy,
+    the ingress and its own event loop, which a spinning pool would starve."""
     from lora_export.runtime.generator import Generator
 
-    generator = Generator(folder, threads=threads, load_folder_adapters=False)
+    generator = Generator(folder, threads=threads, spinning=False, load_folder_adapters=False)
     tokenizer = generator.tokenizer if generator.folder.has_tokenizer else None
     return GeneratorModel(generator), tokenizer
 

@@ -162,10 +162,12 @@ class SchedulerStats:
     mixed_steps: int = 0  # decode steps whose rows held more than one adapter
     max_rows: int = 0
     tokens: int = 0  # generated tokens
+    request_ms: float = 0.0  # sum over finished requests of submit -> finish (queue + prefill + decode)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["mean_rows_per_step"] = round(self.row_steps / self.steps, 3) if self.steps else 0.0
+        out["request_ms"] = round(self.request_ms, 3)
         return out
 
 
@@ -441,6 +443,7 @@ class Scheduler:
             return
         self.stats.finished += 1
         self.stats.cancelled += reason == "cancelled"
+        self.stats.request_ms += (self.clock() - row.arrived) * 1000.0
         row.stream.put(Finish(reason, len(row.request.prompt_ids), len(row.tokens), error))
 
 
