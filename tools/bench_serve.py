@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--latency-iters", type=int, default=8, help="1-client requests timed vs in-process")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="write the BENCHMARKS.md serving section here")
     args = parser.parse_args(argv)
 
     model = "sample:gpt2" if args.quick else "sample:gpt2-small"
@@ -239,7 +240,51 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        command = " ".join(["python", "tools/bench_serve.py", *(argv or sys.argv[1:])])
+        args.markdown.write_text(markdown(results, command))
     return results
+
+
+def markdown(results: dict, command: str) -> str:
+    """The serving section of BENCHMARKS.md."""
+    lat = results["latency_1_client"]
+    top = max(r["clients"] for r in results["runs"]["max_batch_size_32"])
+    ratio = results["throughput_ratio_at_max_clients"]
+    load = results["machine"]
+    latency_status = "met" if max(lat["ratio_p50"], lat["server_over_engine"]) <= 1.2 else "NOT met"
+    lines = [
+        "## Serving (`lora-export serve`)",
+        "",
+        f"Written by `tools/bench_serve.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"Command: `{command}`.",
+        "",
+        f"{results['model']} decoder folder (bank layout, 4 random adapters r=8), {results['prompt_len']}-token "
+        f"prompts, {results['new_tokens']} new tokens per request, greedy; clients are the official `openai` "
+        "package (closed loop: each client sends its next request when the last one returns), adapters in "
+        "turn; one engine replica; fp32, ONNX Runtime CPU. "
+        f"{load['cpus']} cores, shared: load average {load['load_average_at_start'][0]:.1f} at the start, "
+        f"{load['load_average_at_end'][0]:.1f} at the end.",
+        "",
+        "| goal | measured | status |",
+        "|---|---|---|",
+        f"| {top} clients: batched / `--max-batch-size 1` throughput >= 3x | {ratio:.2f}x | "
+        f"{'met' if ratio >= 3 else 'NOT met'} |",
+        f"| 1 client: server latency <= 1.2x the in-process generator | {lat['ratio_p50']:.2f}x (p50 "
+        f"{lat['server_p50_ms']:.0f} / {lat['in_process_p50_ms']:.0f} ms); the server's own overhead: "
+        f"{lat['server_over_engine']:.3f}x ({lat['server_overhead_ms']:.0f} ms over "
+        f"{lat['server_engine_mean_ms']:.0f} ms inside the replica) | {latency_status} |",
+        "",
+        "| server | clients | requests | tokens/s | p50 ms | p99 ms | rows per step | steps mixing adapters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, label in (("max_batch_size_32", "batched (32)"), ("max_batch_size_1", "--max-batch-size 1")):
+        for r in results["runs"][key]:
+            lines.append(
+                f"| {label} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.1f} | {r['p50_ms']:.0f} | "
+                f"{r['p99_ms']:.0f} | {r['mean_rows_per_step']:.2f} | {r['mixed_adapter_steps']} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _latency_vs_inprocess(server: Server, folder: Path, prompts, n: int, args) -> dict:
