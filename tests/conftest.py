@@ -79,6 +79,14 @@ def make_random_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rs
 
 
 @pytest.fixture(scope="session")
+def decoders(tmp_path_factory, sample_cache):
+    """Decoder folders and their PEFT oracles, made once per session (see decoder_setup.py)."""
+    from decoder_setup import DecoderSetup
+
+    return DecoderSetup(tmp_path_factory.mktemp("decoders"), sample_cache)
+
+
+@pytest.fixture(scope="session")
 def serve_decoder(tmp_path_factory):
     """A bank decoder folder of sample:gpt2 with four packed adapters, a fifth as a PEFT dir, a tokenizer, and the
     offline generator over it (built once: the serving tests share it)."""

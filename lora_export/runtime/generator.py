@@ -16,7 +16,9 @@ Batch-level API (what a continuous-batching scheduler composes; `generate` and `
     batch = gen.drop(batch, [batch.row_of("a")])   # finished rows leave
 
 - `prefill(prompts, adapter=None | adapters=[...], keys=None) -> Batch`: prompts (lists of ids, any lengths,
-  left-padded together; position ids `cumsum(mask) - 1`) run from an empty cache (past length 0).
+  left-padded together; position ids `cumsum(mask) - 1`) run from an empty cache (past length 0). `keys` are
+  the caller's ids for the rows (`batch.keys`, `batch.row_of(key)`), unique in a batch; by default fresh ints
+  unique within the generator, so any two prefills can join.
 - `step(batch, tokens) -> logits`: appends `tokens` (`[rows]` or `[rows, k]`) to every row, one graph run.
 - `join(batch, other) -> Batch`: `other`'s rows join `batch`'s (KV padded to a common past with masked slots;
   position ids stay per row). On `inputs` folders all rows of a batch share one adapter; `bank` folders mix.
@@ -30,6 +32,7 @@ row per step as the tokens come. A single prompt (one list of ids) is a batch of
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +128,7 @@ class Generator:
         self.store = AdapterStore(self.slots, use_ort_adapters=not io_binding) if self.slots.layout != MERGED else None
         self._dtype = np.float16 if self._past_type() == "tensor(float16)" else np.float32
         self._tokenizer = None
+        self._keys = itertools.count()  # default row keys: unique within this generator, so batches can join
         if load_folder_adapters and self.store is not None:
             for name, path in self.folder.adapter_files.items():
                 self.store.load(name, path)
@@ -199,9 +203,9 @@ class Generator:
         """New rows from their prompts (left-padded together), run from an empty cache."""
         prompts = as_prompts(prompts)
         rows = self._row_adapters(len(prompts), adapter, adapters)
-        keys = list(keys) if keys is not None else list(range(len(prompts)))
-        if len(keys) != len(prompts):
-            raise UserError(f"keys names {len(keys)} row(s) but there are {len(prompts)} prompt(s)")
+        keys = list(keys) if keys is not None else [next(self._keys) for _ in prompts]
+        if len(keys) != len(prompts) or len(set(map(_hashable, keys))) != len(keys):
+            raise UserError(f"keys must name each of the {len(prompts)} prompt(s) once, got {keys!r}")
         lengths = [len(p) for p in prompts]
         for length in lengths:
             if length == 0:
@@ -256,6 +260,9 @@ class Generator:
             raise UserError(
                 "rows with different adapters need a bank folder (export-decoder --layout bank) to share a batch"
             )
+        shared = set(map(_hashable, batch.keys)) & set(map(_hashable, other.keys))
+        if shared:
+            raise UserError(f"rows {sorted(map(repr, shared))[:3]} are in both batches: keys must stay unique")
         return batch_mod.join(batch, other, self.io_binding)
 
     def drop(self, batch: Batch, rows: Sequence[int]) -> Batch:
@@ -356,7 +363,7 @@ class Generator:
         prompts = as_prompts(prompts)
         params = self._params(len(prompts), sampling, knobs)
         rngs = [p.rng() for p in params]
-        batch = self.prefill(prompts, adapter=adapter, adapters=adapters)
+        batch = self.prefill(prompts, adapter=adapter, adapters=adapters, keys=range(len(prompts)))
         counts = [0] * len(prompts)
         while batch.rows:
             tokens = self.pick(batch, [params[k] for k in batch.keys], [rngs[k] for k in batch.keys])
@@ -437,3 +444,11 @@ def as_prompts(prompts: Prompts) -> list[list[int]]:
     if all(isinstance(t, (int, np.integer)) for t in prompts):
         return [[int(t) for t in prompts]]
     return [[int(t) for t in p] for p in prompts]
+
+
+def _hashable(key: Any) -> Any:
+    try:
+        hash(key)
+        return key
+    except TypeError:
+        return id(key)
