@@ -347,3 +347,21 @@ def verify_generation(
 
     ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
     return _verify(as_model(model), folder, ads, **kwargs)
+
+
+def serve(
+    folder: str | Path,
+    *,
+    adapters: dict[str, str | Path] | None = None,
+    on_ready: Callable[[str, list[str]], None] | None = None,
+    stop: Any = None,
+    **options: Any,
+) -> None:
+    """Serve a decoder folder with the OpenAI-compatible API on Ray Serve until Ctrl-C / SIGTERM (or until the
+    `threading.Event` `stop` is set); `options` are `serving.ServeConfig` fields (port, replicas,
+    max_batch_size, batch_wait_ms, address, api_key, ...). Nothing this started is left running."""
+    from lora_export.serving import ServeConfig
+    from lora_export.serving import serve as run_server
+
+    config = ServeConfig(str(folder), {k: str(v) for k, v in (adapters or {}).items()}, **options)
+    run_server(config, on_ready=on_ready, stop=stop)

@@ -84,3 +84,12 @@ def decoders(tmp_path_factory, sample_cache):
     from decoder_setup import DecoderSetup
 
     return DecoderSetup(tmp_path_factory.mktemp("decoders"), sample_cache)
+
+
+@pytest.fixture(scope="session")
+def serve_decoder(tmp_path_factory):
+    """A bank decoder folder of sample:gpt2 with four packed adapters, a fifth as a PEFT dir, a tokenizer, and the
+    offline generator over it (built once: the serving tests share it)."""
+    from serve_oracle import make_decoder
+
+    return make_decoder(tmp_path_factory.mktemp("serve_decoder"), adapters=5)
