@@ -80,6 +80,9 @@ class BakeAdapterPass(ir.passes.InPlacePass):
         self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lora_export.passes.quantize import refuse_quantized
+
+        refuse_quantized(model, "--bake")
         graph = model.graph
         names = {v.name for v in lora_inputs(model)}
         if "adapter_index" in names:
