@@ -93,11 +93,13 @@ def check_preserved(
     lora_removed: bool = False,
     weights_changed: bool = False,
     dtype_changed: bool = False,
+    base_renamed: bool = False,
 ) -> None:
     """Raise `ContractError` if `model` lost, renamed, reshaped or merged a LoRA input or a base weight.
 
     `lora_removed` (bake): the LoRA inputs may be gone, but all of them or none. `weights_changed` (bake):
-    base weight values may differ. `dtype_changed` (fp16): base weight dtypes may differ.
+    base weight values may differ. `dtype_changed` (fp16): base weight dtypes may differ. `base_renamed`
+    (quantization): base weights may be repacked under new names; only the LoRA inputs are checked.
     """
     problems: list[str] = []
     graph = model.graph
@@ -130,7 +132,7 @@ def check_preserved(
         ids = [id(inputs[n]) for n in present]
         if len(set(ids)) != len(ids):
             problems.append("two LoRA inputs were merged into one value")
-    for name, info in before.weights.items():
+    for name, info in ({} if base_renamed else before.weights).items():
         v = graph.initializers.get(name)
         if v is None:
             problems.append(f"base weight {name} was renamed or folded away")

@@ -42,6 +42,9 @@ class _GuardedRule:
     def try_rewrite(self, model, graph_or_function, node, **kwargs):
         delta = self._rule.try_rewrite(model, graph_or_function, node, **kwargs)
         if delta is not None and any(n in self._protected for n in delta.match.nodes):
+            for new in delta.new_nodes:  # built but never inserted: let go of the graph values they read
+                for i in range(len(new.inputs)):
+                    new.replace_input_with(i, None)
             return None
         return delta
 

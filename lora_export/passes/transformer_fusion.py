@@ -48,6 +48,7 @@ PRIVATE_DOMAIN = "ai.onnxruntime._fusion"  # onnxscript's intermediate ops (SDPA
 
 def _rule_sets() -> dict[str, list[tuple[str, Callable[[], object], bool]]]:
     """group -> [(fusion name, () -> rule set, shape inference after)], in onnxscript's `fuse_xformers` order."""
+    from onnxscript.rewriter import pattern
     from onnxscript.rewriter.ort_fusions import (
         attention,
         bias_gelu,
@@ -86,7 +87,7 @@ def _rule_sets() -> dict[str, list[tuple[str, Callable[[], object], bool]]]:
         ],
         "gelu": [
             ("Gelu (erf)", lambda: erfgelu.rules, False),
-            ("FastGelu (tanh)", lambda: gelu.gelu_rules, False),
+            ("FastGelu (tanh)", lambda: pattern.RewriteRuleSet(list(gelu.gelu_rules), commute=True), False),
             ("FastGelu (tanh, GPT-2 order)", lambda: fusion_rules.gelu_tanh_half_first_rules, False),
             ("BiasGelu", lambda: bias_gelu.bias_gelu_rules, False),
             ("QuickGelu (SiLU)", lambda: fusion_rules.silu_rules, False),
