@@ -9,16 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
-from lora_export.adapters.random import random_adapter
 from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+from lora_export.adapters.synthetic import random_adapter
 from lora_export.errors import UserError
 from lora_export.export.merged import ExportResult
 from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.verify.parity import ParityReport
+
+if TYPE_CHECKING:
+    from lora_export.export.decoder import DecoderExport
+    from lora_export.verify.generation import GenerationReport
 
 ModelLike = str | LoadedModel
 AdapterLike = str | Path | Adapter
@@ -119,3 +124,39 @@ def pack_adapter(
 
     out = check_output_path(out, force, PACK_SUFFIXES)
     return _pack(as_adapter(adapter), out, dtype=dtype, graph=graph)
+
+
+@dataclass
+class DecoderOutcome:
+    export: DecoderExport
+    report: GenerationReport | None
+
+
+def export_decoder(
+    model: ModelLike,
+    out: str | Path,
+    *,
+    adapters: list[AdapterLike] = (),
+    layout: str = "merged",
+    verify: bool = True,
+    **export_kwargs,
+) -> DecoderOutcome:
+    """A decoder folder (KV-cache graph, genai_config.json, adapters, tokenizer); `verify` checks greedy tokens
+    against transformers generate."""
+    from lora_export.export.decoder import export_decoder as _export
+
+    loaded = as_model(model)
+    ads = [as_adapter(a) for a in adapters]
+    result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
+    rows = len(ads) + 1 if layout == "bank" else 2  # a bank batch: each adapter and no adapter
+    report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)]) if verify else None
+    return DecoderOutcome(result, report)
+
+
+def verify_generation(
+    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), **kwargs
+) -> GenerationReport:
+    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model (see verify.generation)."""
+    from lora_export.verify.generation import verify_generation as _verify
+
+    return _verify(as_model(model), folder, [as_adapter(a) for a in adapters], **kwargs)

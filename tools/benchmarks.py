@@ -106,15 +106,16 @@ def _optimizer():
 
 def run_suite(args) -> Suite:
     from lora_export.adapters.pack import pack_adapter
-    from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import LoraSpec
+    from lora_export.adapters.synthetic import random_adapter
     from lora_export.backends.onnxrt import OrtRunner, open_session
     from lora_export.backends.torch_runner import TorchRunner
+    from lora_export.contract import ADAPTER_INDEX
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model
+    from lora_export.onnxio import read_slots
     from lora_export.runtime import LoraSession
-    from lora_export.runtime.slots import GraphSlots, adapter_feeds, bank_feeds
     from lora_export.verify.latency import Candidate, measure, ratio, set_threads, summarize, thread_settings
 
     suite = Suite(model=args.model, quick=args.quick)
@@ -175,8 +176,7 @@ def run_suite(args) -> Suite:
         return by
 
     # -- group A: batch 1 -------------------------------------------------------------------------------------
-    slots = GraphSlots.from_onnx(work / "branched.onnx")
-    lora_x = adapter_feeds(x, slots)
+    lora_x = read_slots(work / "branched.onnx").adapter_feeds(x)
     runners = {
         "ort/base": OrtRunner(work / "base.onnx", threads=args.threads, spinning=False),
         "ort/merged": OrtRunner(work / "merged.onnx", threads=args.threads, spinning=False),
@@ -200,8 +200,7 @@ def run_suite(args) -> Suite:
         r.__exit__(None, None, None)
 
     # -- group B: batch 8, bank (4 adapters mixed per row) vs branched (one adapter) -------------------------
-    bank_slots = GraphSlots.from_onnx(work / "bank.onnx")
-    bank_lora = bank_feeds(adapters, bank_slots)
+    bank_lora = read_slots(work / "bank.onnx").bank_feeds(adapters)
     index = np.arange(big_batch, dtype=np.int64) % len(adapters)
     r_bank = OrtRunner(work / "bank.onnx", threads=args.threads, spinning=False).__enter__()
     r_br = OrtRunner(work / "branched.onnx", threads=args.threads, spinning=False).__enter__()
@@ -209,7 +208,7 @@ def run_suite(args) -> Suite:
         Candidate.from_runner(
             "ort/bank4 (mixed rows)",
             r_bank,
-            [{**feeds(big_batch, i), **bank_lora, "adapter_index": index} for i in sets],
+            [{**feeds(big_batch, i), **bank_lora, ADAPTER_INDEX: index} for i in sets],
             tokens=big_batch * seq,
         ),
         Candidate.from_runner(

@@ -36,12 +36,12 @@ def cli() -> None:
     engines; verify parity against PyTorch/PEFT semantics; benchmark.
 
     MODEL is a local transformers directory, py:package.module:factory, or sample:NAME
-    (gpt2, llama, bert, gpt2-small, gpt2-medium, convnet).
+    (gpt2, llama, qwen2, mistral, bert, gpt2-small, gpt2-medium, convnet).
     """
 
 
 def _register() -> None:
-    from lora_export.cli import adapters, bench, engine, export, inspect, optimize, verify  # noqa: F401
+    from lora_export.cli import adapters, bench, engine, export, generate, inspect, optimize, verify  # noqa: F401
 
 
 _register()

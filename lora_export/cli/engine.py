@@ -103,7 +103,8 @@ def build_engine(
 def refit(plan, adapter, to_base, output, in_place, base, log_level, force, allow_nonfinite, steps):
     """Swap the adapter inside a refittable engine: W0 + s·B·A (merged) or A, B (branched --lora-as weights).
 
-    Weights the previous adapter changed and the new one does not go back to base (NVIDIA/TensorRT#3628).
+    Weights the previous adapter changed and the new one does not go back to base (a refit only replaces the
+    weights it is given, so the previous adapter's would otherwise stay).
     """
     from lora_export import api
     from lora_export.engines.refit import refit_engine

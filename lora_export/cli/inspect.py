@@ -19,7 +19,7 @@ from lora_export.cli.options import echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect(target, base_model, as_json):
     """Adapted modules, ranks, scaling, parameter counts and the trainable fraction."""
-    from lora_export import inspect as insp
+    from lora_export import inspection as insp
     from lora_export.adapters.spec import DEFAULT_TARGETS
 
     path = Path(target)

@@ -60,7 +60,8 @@ def optimize(
       lora-export optimize branched.onnx -o merged.onnx --bake my.onnx_adapter
       lora-export optimize branched.onnx -o branched.fp16.onnx --fp16 --target ort
     """
-    from lora_export.passes.pipeline import measure_graphs, optimize_file
+    from lora_export.passes.pipeline import optimize_file
+    from lora_export.verify.graphs import measure_graphs
 
     with steps("optimizing"):
         report = optimize_file(
