@@ -152,13 +152,15 @@ class LoraPass(ir.passes.PassBase):
     against it (`check_preserved`), so the check runs wherever the pass runs, in the pipeline or alone.
 
     Subclasses declare what they may change: `lora_removed` (the LoRA inputs may be gone, all of them or
-    none), `weights_changed` (base weight values), `dtype_changed` (base weight dtypes). Mix in before
-    `ir.passes.InPlacePass` / `FunctionalPass`.
+    none), `weights_changed` (base weight values), `dtype_changed` (base weight dtypes), `base_renamed`
+    (base weights repacked under new names, as quantization does). Mix in before `ir.passes.InPlacePass` /
+    `FunctionalPass`.
     """
 
     lora_removed = False
     weights_changed = False
     dtype_changed = False
+    base_renamed = False
 
     def requires(self, model: ir.Model) -> None:
         self._before = snapshot(model)
@@ -171,6 +173,7 @@ class LoraPass(ir.passes.PassBase):
             lora_removed=self.lora_removed,
             weights_changed=self.weights_changed,
             dtype_changed=self.dtype_changed,
+            base_renamed=self.base_renamed,
         )
 
 

@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from lora_export.contract import is_lora_input
 from lora_export.errors import UserError
-from lora_export.passes.contract import check_preserved, snapshot
+from lora_export.passes.contract import LoraPass, check_preserved, snapshot
 
 SCHEMES = ("int8", "int8-block", "int4")
 BLOCKWISE = ("int8-block", "int4")  # MatMulNBits schemes: --block-size applies
@@ -121,8 +121,11 @@ def refuse_quantized(model, what: str) -> None:
         )
 
 
-class QuantizeBasePass(ir.passes.FunctionalPass):
-    """See the module docstring."""
+class QuantizeBasePass(LoraPass, ir.passes.FunctionalPass):
+    """See the module docstring. The LoRA inputs, their defaults and readers are checked as for every pass;
+    base weights are exempt (`base_renamed`)."""
+
+    base_renamed = True
 
     def __init__(self, scheme: str, *, block_size: int | None = None, accuracy_level: int = 4):
         super().__init__()

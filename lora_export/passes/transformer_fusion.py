@@ -36,6 +36,7 @@ import onnx_ir.passes.common as common_passes
 from lora_export.passes import fusion_rules
 from lora_export.passes.contract import (
     ContractError,
+    LoraPass,
     check_preserved,
     lora_region,
     protected_names,
@@ -123,7 +124,7 @@ def parse_fusions(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(g for g in FUSION_GROUPS if g in items)
 
 
-class TransformerFusionPass(ir.passes.FunctionalPass):
+class TransformerFusionPass(LoraPass, ir.passes.FunctionalPass):
     """See the module docstring. `groups`: which fusion groups run (default all)."""
 
     def __init__(self, groups: Sequence[str] = FUSION_GROUPS, *, packed_attention: bool = False):
