@@ -67,6 +67,10 @@ def test_quantized_decoder_folder_keeps_adapters_and_most_greedy_tokens(decoders
         assert (got[:, 0] == want[:, 0]).all()  # the first token of every row (prefill) agrees
     assert min(agree.values()) >= 0.75, agree
     assert _tokens(out, "x") != _tokens(out, None)  # the float adapter still steers the int8 base
+    # `verify` on the folder: against transformers generate, with quantization-fit criteria
+    result = run("verify", "sample:gpt2", "--onnx", out, ok=False)
+    assert result.exit_code == 0, result.output
+    assert "(int8 base): greedy-token agreement" in result.output
 
 
 def test_manifest_records_int4_quantization(export_cache, tmp_path):
