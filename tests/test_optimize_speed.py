@@ -52,6 +52,20 @@ def test_decoder_folder_after_fusion_keeps_greedy_tokens(arch, decoders, tmp_pat
     assert (out / "adapters" / "x.onnx_adapter").is_file() and (out / "genai_config.json").is_file()
     for adapter in ("x", None):
         assert _tokens(out, adapter) == _tokens(src, adapter), adapter
+    assert _genai_tokens(out) == _genai_tokens(src)  # ONNX Runtime GenAI runs the fused folder too
+
+
+def _genai_tokens(folder):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPTS[0]) + NEW, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens([PROMPTS[0]])
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)]
 
 
 def test_quantized_decoder_folder_keeps_adapters_and_most_greedy_tokens(decoders, tmp_path):
