@@ -204,8 +204,9 @@ _ALIASES = {
 
 
 def dtype_name(value: Any) -> str:
-    """ "fp32" / "fp16" / "bf16" from any spelling: numpy or torch dtypes, ONNX element types (int, `FLOAT16`,
-    `tensor(float16)`), onnx-ir `DataType`s, or the names themselves. Unknown types raise ValueError."""
+    """The name (`fp32` / `fp16` / `bf16`) of a floating type in any spelling: numpy or torch dtypes, ONNX
+    element types (int, `FLOAT16`, `tensor(float16)`), onnx-ir `DataType`s, or the names themselves. Unknown
+    types raise ValueError."""
     if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
         text = np.dtype(value).name
     elif hasattr(value, "name") and not isinstance(value, str):  # onnx_ir.DataType and friends
@@ -219,8 +220,8 @@ def dtype_name(value: Any) -> str:
 
 
 def precision(types: Iterable[Any]) -> str:
-    """ "bf16" / "fp16" when any floating type among `types` (any spelling `dtype_name` reads) is reduced
-    precision, else "fp32"; integer and other types are ignored."""
+    """The precision of a graph from its tensor types: `bf16` / `fp16` when any floating type among `types`
+    (any spelling `dtype_name` reads) is reduced precision, else `fp32`; integer and other types are ignored."""
     names = set()
     for t in types:
         try:

@@ -7,8 +7,7 @@ from typing import Any
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.contract import BANK
-from lora_export.fileio import manifest_path, read_json
-from lora_export.onnxio import load_onnx_header, proto_dims, slots_of_proto
+from lora_export.onnxio import load_onnx_header, proto_dims, read_manifest, slots_of_proto
 
 
 def inspect_adapter(adapter: Adapter, base_parameters: int | None = None) -> dict[str, Any]:
@@ -84,9 +83,9 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     }
     if slots.layout == BANK:
         info["max_rank"] = slots.max_rank
-    mp = manifest_path(path)
-    if mp.exists():
-        info["manifest"] = read_json(mp)
+    manifest = read_manifest(path)
+    if manifest is not None:
+        info["manifest"] = manifest.to_dict()
     return info
 
 

@@ -1,4 +1,4 @@
-"""Benchmark of the optimization passes (issue 4), ONNX Runtime CPU, everything interleaved in one process.
+"""Benchmark of the optimization passes, ONNX Runtime CPU, everything interleaved in one process.
 
     python tools/bench_passes.py                       # sample:gpt2-small, batch 1, seq 128
     python tools/bench_passes.py --model sample:gpt2 --iters 10   # seconds: checks the script runs

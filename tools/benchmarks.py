@@ -1,16 +1,20 @@
-"""The project's reference benchmark suite: every goal ratio the issues set, measured in one process.
+"""The project's reference benchmark suite: every goal ratio the project set itself, measured in one process.
 
     python tools/benchmarks.py                # GPT-2 small shape, writes BENCHMARKS.md (several minutes)
     python tools/benchmarks.py --quick --out /tmp/b.md   # the tiny sample, seconds: checks the suite runs
 
 What it measures (ONNX Runtime CPU, r = 8 on `c_attn`, batch 1 / seq 128 unless stated):
 
-- issue 2: merged-graph / base-graph latency (<= 1.02); ORT / PyTorch eager speedup; merge-and-export time;
-- issue 3: branched + adapter / merged (<= 1.03); bank with 4 adapters mixed per row / branched with one
-  adapter, both at batch 8 (<= 1.15); median adapter switch in `LoraSession` excluding the forward
-  (<= 1 ms); `pack-adapter` time (<= 200 ms); the naive route (re-export + new session) per adapter;
-- issue 4 (when `lora_export.passes.pipeline` exists): optimized / plain branched graph, optimized merged
-  graph vs PyTorch eager (>= 3x), LoRA MatMul and node counts.
+- merged export: merged-graph / base-graph latency (<= 1.02); ORT / PyTorch eager speedup; merge-and-export
+  time;
+- branched export and serving: branched + adapter / merged (<= 1.03); bank with 4 adapters mixed per row /
+  branched with one adapter, both at batch 8 (<= 1.15); median adapter switch in `LoraSession` excluding the
+  forward (<= 1 ms); `pack-adapter` time (<= 200 ms); the naive route (re-export + new session) per adapter;
+- graph passes (when `lora_export.passes.pipeline` exists): optimized / plain branched graph, optimized
+  merged graph vs PyTorch eager (>= 3x), LoRA MatMul and node counts.
+
+The `issue` column of the goal table numbers these areas in the project's tracker (2 merged export, 3
+branched/bank/serving, 4 passes, 5 TensorRT).
 
 Latencies at one shape are timed together, interleaved, by `lora_export.verify.latency.measure` (inputs
 prepared beforehand, rotated between input sets); ratios are of medians, with the median of per-round
@@ -497,7 +501,7 @@ def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
         "Threads: with 2 intra-op threads on a shared 2-core machine, every parallel kernel stalls while another "
         "process holds a core (p90 was 2-3x p50 in a trial run); one thread per runner (`--threads 1`) keeps the "
         "interleaved ratios stable, at the cost of absolute latency.",
-        "TensorRT goals (issue 5) need a GPU with TensorRT and are measured by tools/gpu_check.sh, not here.",
+        "TensorRT goals need a GPU with TensorRT and are measured by tools/gpu_check.sh, not here.",
     ]
     lines += ["", "## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from lora_export import api
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import model_argument, parse_ints, parse_targets, progress_steps
 from lora_export.errors import UserError
 

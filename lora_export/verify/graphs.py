@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_export.contract import ADAPTER_INDEX, INPUTS, NO_ADAPTER, numpy_dtype, weight_names
+from lora_export.contract import ADAPTER_INDEX, ATTENTION_MASK, INPUTS, NO_ADAPTER, numpy_dtype, weight_names
 
 
 def graph_feeds(path: str | Path, batch: int, seq: int, *, seed: int = 0, rank: int = 8) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def graph_feeds(path: str | Path, batch: int, seq: int, *, seed: int = 0, rank: 
         name = v.name
         if name == ADAPTER_INDEX:
             feeds[name] = np.full((batch,), NO_ADAPTER, dtype=np.int64)
-        elif name == "attention_mask":
+        elif name == ATTENTION_MASK:
             feeds[name] = np.ones((batch, seq), dtype=np.int64)
         elif name == "token_type_ids":
             feeds[name] = np.zeros((batch, seq), dtype=np.int64)
