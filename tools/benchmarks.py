@@ -129,7 +129,16 @@ def run_suite(args) -> Suite:
     work.mkdir(parents=True, exist_ok=True)
     if args.sections == "speed":
         _speed_section(suite, args, work)
-        suite.settings = {"warmup": args.warmup, "threads": thread_settings(args.threads), "sections": "speed"}
+        suite.settings = {
+            "warmup": args.warmup,
+            "iters": args.speed_iters,
+            "bank_iters": "-",
+            "bank_batch": "-",
+            "input_sets": 3,
+            "threads": thread_settings(args.threads),
+            "lora": "r=8, alpha=16 on c_attn, one random adapter x (seed 0, B non-zero)",
+            "sections": "speed",
+        }
         return suite
 
     log(f"loading {args.model}")
