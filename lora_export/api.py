@@ -222,42 +222,6 @@ def pack_adapter(
     return _pack(as_adapter(adapter), out, dtype=dtype, graph=graph)
 
 
-@dataclass
-class DecoderOutcome:
-    export: DecoderExport
-    report: GenerationReport | None
-
-
-def export_decoder(
-    model: ModelLike,
-    out: str | Path,
-    *,
-    adapters: list[AdapterLike] = (),
-    layout: str = "merged",
-    verify: bool = True,
-    **export_kwargs,
-) -> DecoderOutcome:
-    """A decoder folder (KV-cache graph, genai_config.json, adapters, tokenizer); `verify` checks greedy tokens
-    against transformers generate."""
-    from lora_export.export.decoder import export_decoder as _export
-
-    loaded = as_model(model)
-    ads = [as_adapter(a) for a in adapters]
-    result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
-    rows = len(ads) + 1 if layout == "bank" else 2  # a bank batch: each adapter and no adapter
-    report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)]) if verify else None
-    return DecoderOutcome(result, report)
-
-
-def verify_generation(
-    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), **kwargs
-) -> GenerationReport:
-    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model (see verify.generation)."""
-    from lora_export.verify.generation import verify_generation as _verify
-
-    return _verify(as_model(model), folder, [as_adapter(a) for a in adapters], **kwargs)
-
-
 def bench(
     model: ModelLike,
     adapters: list[AdapterLike] = (),
@@ -341,3 +305,47 @@ def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progr
         report = verify_graph(loaded, result.path, [adapter])
     params = sum(p.numel() for p in loaded.module.parameters())
     return DemoResult(adapter, result, report, params)
+
+
+@dataclass
+class DecoderOutcome:
+    export: DecoderExport
+    report: GenerationReport | None
+
+
+def export_decoder(
+    model: ModelLike,
+    out: str | Path,
+    *,
+    adapters: list[AdapterLike] = (),
+    layout: str = "merged",
+    verify: bool = True,
+    progress: Progress | None = None,
+    **export_kwargs,
+) -> DecoderOutcome:
+    """A decoder folder (KV-cache graph, genai_config.json, adapters, tokenizer); `verify` checks greedy tokens
+    against transformers generate (a bank folder with a batch whose rows are each adapter and no adapter)."""
+    from lora_export.export.decoder import export_decoder as _export
+
+    with _step(progress, _loading(model)):
+        loaded = as_model(model)
+        ads = [as_adapter(a) for a in adapters]
+    with _step(progress, f"exporting the decoder ({layout})"):
+        result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
+    report = None
+    if verify:
+        rows = len(ads) + 1 if layout == BANK else 2
+        with _step(progress, "checking greedy generation against transformers"):
+            report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)])
+    return DecoderOutcome(result, report)
+
+
+def verify_generation(
+    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), allow_nonfinite: bool = False, **kwargs
+) -> GenerationReport:
+    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model; `kwargs` go to
+    `verify.generation.verify_generation` (new_tokens, shapes, seeds, atol)."""
+    from lora_export.verify.generation import verify_generation as _verify
+
+    ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    return _verify(as_model(model), folder, ads, **kwargs)

@@ -1,9 +1,10 @@
 """Decoder folders shared by the generation tests (exports take tens of seconds: each is made once per session).
 
 Per architecture (gpt2, llama, qwen2): one PEFT model holding adapters x (r=8) and y (r=4, rsLoRA on llama)
-with non-zero B (large enough that each adapter changes the greedy tokens), their PEFT directories, and folders of the layouts a test asks for. gpt2's merged folder is
-written by the CLI (`export-decoder`, with its own generation check); llama's and qwen2's merged folders are
-their inputs folders with adapter x baked in (`optimize --bake`, no second trace).
+with non-zero B (large enough that each adapter changes the greedy tokens), their PEFT directories, and
+folders of the layouts a test asks for. gpt2's merged folder is written by the CLI (`export-decoder`, with its
+own generation check); llama's and qwen2's merged folders are their inputs folders with adapter x baked in
+(`optimize --bake`, no second trace).
 """
 
 from __future__ import annotations

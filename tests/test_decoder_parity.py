@@ -36,7 +36,9 @@ def test_inputs_folder_with_x_y_and_none_is_token_exact_with_peft(decoders, arch
     m = decoders.model(arch)
     with Generator(decoders.folder(arch, "inputs")) as gen:
         assert sorted(gen.adapters()) == ["x", "y"]  # the folder's adapters/*.onnx_adapter
-        got = {a: gen.generate(PROMPTS, adapter=a, max_new_tokens=NEW, ignore_eos=True).tokens for a in ("x", "y", None)}
+        got = {
+            a: gen.generate(PROMPTS, adapter=a, max_new_tokens=NEW, ignore_eos=True).tokens for a in ["x", "y", None]
+        }
         single = gen.generate(PROMPTS[1], adapter="y", max_new_tokens=NEW, ignore_eos=True).tokens
     for a in ("x", "y", None):
         assert got[a] == _alone(m["pm"], PROMPTS, [a] * 3), a

@@ -143,7 +143,8 @@ def _verify_decoder(model, folder, adapters, atol, seeds, shapes, new_tokens, js
     report = api.verify_generation(
         model,
         folder,
-        adapters=[api.as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters],
+        adapters=list(adapters),
+        allow_nonfinite=allow_nonfinite,
         new_tokens=new_tokens,
         shapes=parse_shapes(shapes),
         seeds=parse_ints(seeds, "--seeds"),

@@ -5,7 +5,8 @@ Optimum / GenAI I/O names from `lora_export.contract`. Layouts:
 
 - `merged`: at most one adapter, folded into the weights (`W0 + s·B·A`, as merge-and-export);
 - `inputs`: the LoRA name contract of branched graphs (rank-0 defaults = the base model), one adapter per call;
-- `bank`: `adapter_index [batch]` plus the banks, so rows of one generating batch use different adapters.
+- `bank`: a per-row adapter index `[batch]` plus the banks, so rows of one generating batch use different
+  adapters.
 
 The branched layouts are the same `export.branched` wiring (`lora_wiring`) and the same trace
 (`export.trace`) as `export-branched`; only the model inputs differ (the KV cache). The folder is written
