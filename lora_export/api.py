@@ -151,6 +151,8 @@ def optimize(
     Runtime CPU: `report["bench"]` holds the stats by graph and `ratio_after_before`."""
     from lora_export.passes.pipeline import optimize_file
 
+    if bench and Path(graph).is_dir():
+        raise UserError("--bench times single graphs: time decoder folders with `generate` or tools/benchmarks.py")
     with _step(progress, "optimizing"):
         report = optimize_file(graph, out, **optimize_kwargs)
     if bench:

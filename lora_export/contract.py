@@ -460,6 +460,7 @@ class GraphManifest:
     max_rank: int | None = None
     no_adapter_index: int | None = None
     optimized: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None  # scheme, block size, quantized nodes/weights (optimize --quantize)
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 

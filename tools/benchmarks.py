@@ -157,6 +157,19 @@ def run_suite(args) -> Suite:
     seq, big_batch = args.seq, args.bank_batch
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_benchmarks_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.sections == "speed":
+        _speed_section(suite, args, work)
+        suite.settings = {
+            "warmup": args.warmup,
+            "iters": args.speed_iters,
+            "bank_iters": "-",
+            "bank_batch": "-",
+            "input_sets": 3,
+            "threads": thread_settings(args.threads),
+            "lora": "r=8, alpha=16 on c_attn, one random adapter x (seed 0, B non-zero)",
+            "sections": "speed",
+        }
+        return suite
 
     log(f"loading {args.model}")
     loaded, suite.timings["load model s"] = _timed(lambda: load_model(args.model))
@@ -459,7 +472,17 @@ def run_suite(args) -> Suite:
         "lora": "r=8, alpha=16, c_attn, 4 random adapters (seeds 0-3, B non-zero)",
         "order": "shuffle (interleaved, seeded)",
     }
+    if args.sections == "all":
+        _speed_section(suite, args, work)
     return suite
+
+
+def _speed_section(suite: Suite, args, work: Path) -> None:
+    """Issue 11: fused and int8/int4 decoder folders, prefill and decode ms/token (tools/bench_speed.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_speed import run_speed
+
+    run_speed(suite, args, work, log, Goal)
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -562,6 +585,12 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--threads", type=int, default=None, help="Intra-op threads (default: the libraries' own).")
     p.add_argument("--workdir", default=None, help="Keep exported graphs here (default: a temp dir).")
     p.add_argument(
+        "--sections", choices=["all", "core", "speed"], default="all", help="core: issues 2-4; speed: issue 11."
+    )
+    p.add_argument("--speed-iters", type=int, default=None, help="speed: interleaved prefill rounds.")
+    p.add_argument("--speed-reps", type=int, default=None, help="speed: greedy generations timed per decoder.")
+    p.add_argument("--speed-new-tokens", type=int, default=None, help="speed: tokens per generation (default 128).")
+    p.add_argument(
         "--generation",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -580,6 +609,9 @@ def parse_args(argv: list[str] | None = None):
     args.input_sets = 2 if q else 3
     args.switch_iters = 50 if q else 1000
     args.pack_iters = 3 if q else 10
+    args.speed_iters = args.speed_iters or (2 if q else 15)
+    args.speed_reps = args.speed_reps or (1 if q else 2)
+    args.speed_new_tokens = args.speed_new_tokens or (6 if q else 128)
     args.generation = (not q) if args.generation is None else args.generation
     args.gen_prompt, args.gen_tokens = (8, 8) if q else (32, 128)
     args.gen_rounds = args.gen_rounds or (2 if q else 5)

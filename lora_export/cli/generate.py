@@ -72,6 +72,7 @@ def finish_generation_report(report) -> None:
             sum(m is None for m in c.first_mismatch),
             len(c.first_mismatch),
             c.max_logits_err,
+            c.agreement,
             c.effect,
             "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {c.reason}",
         ]
@@ -79,12 +80,27 @@ def finish_generation_report(report) -> None:
     ]
     display.table(
         f"generation: {report.new_tokens} greedy tokens vs transformers generate",
-        ["case", "prompt lengths", "rows exact", "rows", "max logits err", "adapter effect", "result"],
+        [
+            "case",
+            "prompt lengths",
+            "rows exact",
+            "rows",
+            "max logits err",
+            "token agreement",
+            "adapter effect",
+            "result",
+        ],
         rows,
     )
     if not report.passed:
         display.err.print("[red]generation check failed[/red]")
         raise click.exceptions.Exit(1)
+    if report.quantization:
+        worst = min(c.agreement for c in report.cases)
+        display.out.print(
+            f"[green]verified[/green] ({report.quantization} base): greedy-token agreement >= {worst:.3f}"
+        )
+        return
     display.out.print("[green]verified[/green]: token-exact with transformers generate")
 
 

@@ -85,6 +85,9 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
         self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lora_export.passes.quantize import refuse_quantized
+
+        refuse_quantized(model, "--bake")
         graph = model.graph
         names = {v.name for v in lora_inputs(model)}
         slots = slots_of_ir(model)

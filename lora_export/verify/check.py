@@ -26,7 +26,7 @@ from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import load_onnx_header, slots_of_proto
-from lora_export.verify.parity import ParityReport, adapter_effect, compare_outputs
+from lora_export.verify.parity import QUANTIZED_CRITERIA, ParityReport, adapter_effect, compare_outputs
 
 BACKENDS = ("torch", "ort", "trt")
 DEFAULT_SHAPES = [(2, 16), (3, 7), (1, 23)]  # the export's example shape, then two others
@@ -205,11 +205,16 @@ def verify_backends(
     save_inputs: str | Path | None = None,
     candidate_adapters: list[Adapter] | None = None,
     on_case=None,
+    criteria: dict | None = None,
 ) -> ParityReport:
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
     `candidate_adapters` overrides what the candidate is fed (default: `adapters`); tests use it to show that
     a dropped adapter fails. `on_case(done, total)` is called after each case (progress bars).
+
+    A quantized ONNX graph (int8/int4 base) is judged on agreement, not elementwise error: `criteria`
+    (default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
+    check weighs the adapter's effect against the mean abs error (quantization noise), not the max.
     """
     if reference == candidate:
         raise UserError(f"reference and candidate are both {reference!r}: compare two different backends")
@@ -217,6 +222,11 @@ def verify_backends(
     adapters = list(adapters)
     cand_adapters = adapters if candidate_adapters is None else list(candidate_adapters)
     kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers)
+    if criteria is None and onnx_path is not None and "ort" in (reference, candidate):
+        from lora_export.passes.quantize import graph_scheme
+
+        scheme = graph_scheme(onnx_path)
+        criteria = QUANTIZED_CRITERIA[scheme] if scheme else None
     with contextlib.ExitStack() as stack:
         ref_side = stack.enter_context(open_side(reference, loaded, adapters, **kw))
         cand_side = stack.enter_context(open_side(candidate, loaded, cand_adapters, **kw))
@@ -238,9 +248,10 @@ def verify_backends(
                 ref = ref_side.outputs(feeds, rows)
                 got = cand_side.outputs(feeds, rows)
                 label = f"seed={seed} batch={batch} seq={seq}"
-                case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label)
+                case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label, criteria=criteria)
                 report.cases.append(case)
-                worst_err = max([worst_err] + [o.max_abs for o in case.outputs if np.isfinite(o.max_abs)])
+                errs = [o.mean_abs if criteria else o.max_abs for o in case.outputs]
+                worst_err = max([worst_err] + [e for e in errs if np.isfinite(e)])
                 if adapters and check_effect and truth is not None:
                     with_adapter = ref if truth is ref_side else truth.outputs(feeds, rows)
                     effects.append((with_adapter, truth.base_outputs(feeds)))
