@@ -48,7 +48,15 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 def read_adapter(source: str | Path, *, name: str | None = None, allow_nonfinite: bool = False) -> Adapter:
-    """Read a PEFT adapter directory or a contract-layout file into an `Adapter`."""
+    """Read a PEFT adapter directory or a contract-layout file into an `Adapter`.
+
+    `sample:e2e/NAME` names an adapter shipped with the trained sample (`lora_export.models.e2e`).
+    """
+    if isinstance(source, str) and source.startswith("sample:"):
+        from lora_export.models.e2e import resolve_adapter
+
+        name = name or source.rpartition("/")[2]
+        source = resolve_adapter(source)
     path = Path(source)
     if not path.exists():
         raise AdapterError(f"adapter {path} does not exist: give a PEFT adapter directory or an adapter file")

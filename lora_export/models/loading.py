@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lora_export.errors import UserError
+from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
 from lora_export.models.zoo import SAMPLES, build_sample
 
@@ -59,15 +60,17 @@ def load_model(spec: str) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
         return _load_transformers_dir(path, spec)
-    names = ", ".join(f"sample:{n}" for n in SAMPLES)
+    names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME])
     raise UserError(
         f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
     )
 
 
 def _load_sample(name: str, spec: str) -> LoadedModel:
+    if name == e2e.NAME:  # trained, shipped as a transformers directory
+        return _load_transformers_dir(e2e.model_dir(), spec)
     if name not in SAMPLES:
-        raise UserError(f"unknown sample {name!r}: choose one of {', '.join(SAMPLES)}")
+        raise UserError(f"unknown sample {name!r}: choose one of {', '.join([*SAMPLES, e2e.NAME])}")
     module, sample = build_sample(name)
     if sample.arch == "convnet":
         return LoadedModel(
