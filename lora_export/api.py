@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
@@ -30,6 +30,10 @@ from lora_export.export.merged import ExportResult
 from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.verify.parity import ParityReport
+
+if TYPE_CHECKING:
+    from lora_export.export.decoder import DecoderExport
+    from lora_export.verify.generation import GenerationReport
 
 ModelLike = str | LoadedModel
 AdapterLike = str | Path | Adapter
@@ -299,3 +303,47 @@ def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progr
         report = verify_graph(loaded, result.path, [adapter])
     params = sum(p.numel() for p in loaded.module.parameters())
     return DemoResult(adapter, result, report, params)
+
+
+@dataclass
+class DecoderOutcome:
+    export: DecoderExport
+    report: GenerationReport | None
+
+
+def export_decoder(
+    model: ModelLike,
+    out: str | Path,
+    *,
+    adapters: list[AdapterLike] = (),
+    layout: str = "merged",
+    verify: bool = True,
+    progress: Progress | None = None,
+    **export_kwargs,
+) -> DecoderOutcome:
+    """A decoder folder (KV-cache graph, genai_config.json, adapters, tokenizer); `verify` checks greedy tokens
+    against transformers generate (a bank folder with a batch whose rows are each adapter and no adapter)."""
+    from lora_export.export.decoder import export_decoder as _export
+
+    with _step(progress, _loading(model)):
+        loaded = as_model(model)
+        ads = [as_adapter(a) for a in adapters]
+    with _step(progress, f"exporting the decoder ({layout})"):
+        result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
+    report = None
+    if verify:
+        rows = len(ads) + 1 if layout == BANK else 2
+        with _step(progress, "checking greedy generation against transformers"):
+            report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)])
+    return DecoderOutcome(result, report)
+
+
+def verify_generation(
+    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), allow_nonfinite: bool = False, **kwargs
+) -> GenerationReport:
+    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model; `kwargs` go to
+    `verify.generation.verify_generation` (new_tokens, shapes, seeds, atol)."""
+    from lora_export.verify.generation import verify_generation as _verify
+
+    ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    return _verify(as_model(model), folder, ads, **kwargs)

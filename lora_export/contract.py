@@ -15,7 +15,8 @@ Names (for each adapted module at path `P`, as the transformers model names it, 
   without a leading `base_model.model.` on the names.
 
 Decoder folders also follow Optimum / ONNX Runtime GenAI I/O names, kept here for the same reason:
-`past_key_values.{i}.key|value` in, `present.{i}.key|value` out.
+`input_ids`, `attention_mask` (past + new), `position_ids`, `past_key_values.{i}.key|value` in, `logits`,
+`present.{i}.key|value` out; manifest kinds `decoder-merged|decoder-inputs|decoder-bank`.
 """
 
 from __future__ import annotations
@@ -154,6 +155,41 @@ def past_names(layer: int) -> tuple[str, str]:
 
 def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
+
+
+# printf templates of the same names, as ONNX Runtime GenAI's genai_config.json spells them
+PAST_KEY_TEMPLATE, PAST_VALUE_TEMPLATE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY_TEMPLATE, PRESENT_VALUE_TEMPLATE = "present.%d.key", "present.%d.value"
+
+# dimension labels of decoder graphs: past + new = total
+BATCH_DIM, SEQUENCE_DIM = "batch", "sequence"
+PAST_SEQUENCE_DIM, TOTAL_SEQUENCE_DIM = "past_sequence", "total_sequence"
+
+DECODER_KIND_PREFIX = "decoder-"  # manifest kinds: decoder-merged, decoder-inputs, decoder-bank
+DECODER_LAYOUTS = (MERGED, INPUTS, BANK)
+
+
+def decoder_kind(layout: str) -> str:
+    if layout not in DECODER_LAYOUTS:
+        raise ValueError(f"no decoder layout {layout!r}")
+    return DECODER_KIND_PREFIX + layout
+
+
+def decoder_layout(kind: str | None) -> str | None:
+    """The layout of a `decoder-...` manifest kind, None for any other kind."""
+    if not kind or not kind.startswith(DECODER_KIND_PREFIX):
+        return None
+    layout = kind[len(DECODER_KIND_PREFIX) :]
+    return layout if layout in DECODER_LAYOUTS else None
+
+
+def decoder_input_names(num_layers: int) -> list[str]:
+    """Model inputs of a decoder graph, in graph order (LoRA inputs follow them)."""
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + [n for i in range(num_layers) for n in past_names(i)]
+
+
+def decoder_output_names(num_layers: int) -> list[str]:
+    return [LOGITS] + [n for i in range(num_layers) for n in present_names(i)]
 
 
 # -- dtypes: one vocabulary ---------------------------------------------------------------------------------------

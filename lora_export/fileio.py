@@ -79,7 +79,7 @@ def atomic_dir(path: str | os.PathLike, replaceable: tuple[str, ...] = ()) -> It
     try:
         yield tmp
         for f in tmp.iterdir():
-            _publish_mode(f)
+            _publish_mode(f, directory=f.is_dir())
         _publish_mode(tmp, directory=True)
         old = None
         if path.exists():  # move the old one aside first: at every moment one complete directory exists

@@ -24,6 +24,7 @@ ratios beside them. Exports, sessions and packing happen outside the timed regio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import sys
@@ -108,6 +109,35 @@ def _optimizer():
     return optimize_file, ""
 
 
+def _sibling(name: str):
+    """Another script of tools/ as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lora_tools_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_generation(args, suite: Suite, loaded, adapters, work: Path) -> None:
+    """Issue 9's rows: decoder folders (merged / inputs / bank) generating, vs PyTorch, GenAI and the old path."""
+    gb = _sibling("bench_generation")
+    folders = gb.export_folders(loaded, adapters, work)
+    bench = gb.measure_generation(
+        folders,
+        loaded,
+        [a.name for a in adapters],
+        prompt_len=args.gen_prompt,
+        new_tokens=args.gen_tokens,
+        rounds=args.gen_rounds,
+        threads=args.threads,
+    )
+    suite.latency += bench.rows
+    suite.notes += bench.notes
+    for g in bench.goals:
+        suite.goals.append(Goal(g["metric"], 9, g["goal"], g["measured"], g["unit"], g["limit"], detail=g["detail"]))
+    suite.settings["generation"] = bench.settings
+
+
 def run_suite(args) -> Suite:
     from lora_export.adapters.pack import pack_adapter
     from lora_export.adapters.spec import LoraSpec
@@ -133,6 +163,10 @@ def run_suite(args) -> Suite:
     spec = LoraSpec(r=8, alpha=16, target_modules=["c_attn"])
     adapters = [random_adapter(loaded.module, spec, seed=i, name=f"adapter{i}") for i in range(4)]
     x = adapters[0]
+    if args.only == "generation":
+        run_generation(args, suite, loaded, adapters, work)
+        suite.settings.update(threads=thread_settings(args.threads), lora="r=8, alpha=16, c_attn, 4 random adapters")
+        return suite
 
     # -- exports (outside timing); the merged one is also the "merge-and-export" and naive-route timing ------
     log("merge-and-export (adapter folded, traced, saved)")
@@ -407,7 +441,13 @@ def run_suite(args) -> Suite:
             Goal("optimized merged graph speedup over PyTorch eager", 4, ">= 3x", None, detail="passes not available")
         )
 
+    if args.generation:
+        run_generation(args, suite, loaded, adapters, work)
+    else:
+        suite.notes.append("generation rows (issue 9) skipped (--quick or --no-generation): tools/bench_generation.py")
+
     suite.settings = {
+        **suite.settings,
         "seq": seq,
         "bank_batch": big_batch,
         "warmup": args.warmup,
@@ -506,6 +546,14 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="Intra-op threads (default: the libraries' own).")
     p.add_argument("--workdir", default=None, help="Keep exported graphs here (default: a temp dir).")
+    p.add_argument(
+        "--generation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Decoder generation rows (default: on, off with --quick).",
+    )
+    p.add_argument("--only", choices=["generation"], default=None, help="Run only this group.")
+    p.add_argument("--gen-rounds", type=int, default=None, help="Interleaved rounds of whole generations.")
     args = p.parse_args(argv)
     q = args.quick
     args.model = args.model or ("sample:gpt2" if q else "sample:gpt2-small")
@@ -517,6 +565,9 @@ def parse_args(argv: list[str] | None = None):
     args.input_sets = 2 if q else 3
     args.switch_iters = 50 if q else 1000
     args.pack_iters = 3 if q else 10
+    args.generation = (not q) if args.generation is None else args.generation
+    args.gen_prompt, args.gen_tokens = (8, 8) if q else (32, 128)
+    args.gen_rounds = args.gen_rounds or (2 if q else 5)
     if args.out is None and not q:
         args.out = str(ROOT / "BENCHMARKS.md")
     return args

@@ -68,5 +68,5 @@ def cli(verbose: bool) -> None:
     engines; verify parity against PyTorch/PEFT semantics; benchmark.
 
     MODEL is a local transformers directory, py:package.module:factory, or sample:NAME
-    (gpt2, llama, bert, gpt2-small, gpt2-medium, convnet).
+    (gpt2, llama, qwen2, mistral, bert, gpt2-small, gpt2-medium, convnet).
     """

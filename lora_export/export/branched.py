@@ -15,6 +15,7 @@ where per-row gather + batched matmul was 2.6-40x slower.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,6 +132,41 @@ def _bank_layout(slots: list[Slot], max_rank: int, batch: int, dtype: torch.dtyp
     return extra
 
 
+@dataclass
+class Wiring:
+    """A branched layout, ready to trace: the extra graph inputs, the modules they feed, the slot table."""
+
+    extra: list[trace_mod.ExtraInput]
+    paths: list[str]
+    table: SlotTable
+
+
+def lora_wiring(
+    loaded: LoadedModel,
+    adapters: list[Adapter],
+    targets: list[str] | str | None,
+    layout: str,
+    max_rank: int | None,
+    dtype: str,
+    batch: int,
+) -> Wiring:
+    """The LoRA inputs of a branched layout (`inputs` or `bank`) for `loaded` (shared by every branched export)."""
+    paths = resolve_targets(loaded, adapters, targets)
+    slots = lora_slots(loaded, paths, layout)
+    torch_dtype = contract.torch_dtype(dtype)
+    if layout == INPUTS:
+        extra = _inputs_layout(slots, torch_dtype)
+    elif layout == BANK:
+        top = max((m.r for a in adapters for m in a.modules.values()), default=0)
+        max_rank = max_rank or max(top, 16)
+        if top > max_rank:
+            raise UserError(f"an adapter has rank {top}, above --max-rank {max_rank}: raise --max-rank")
+        extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
+    else:
+        raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
+    return Wiring(extra, paths, SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype))
+
+
 def export_branched(
     loaded: LoadedModel,
     out: str | Path,
@@ -147,25 +183,15 @@ def export_branched(
 ) -> ExportResult:
     out = check_output_path(out, force)
     adapters = list(adapters)
-    paths = resolve_targets(loaded, adapters, targets)
-    slots = lora_slots(loaded, paths, layout)
+    wiring = lora_wiring(loaded, adapters, targets, layout, max_rank, dtype, batch)
     torch_dtype = contract.torch_dtype(dtype)
-    if layout == INPUTS:
-        extra = _inputs_layout(slots, torch_dtype)
-    elif layout == BANK:
-        top = max((m.r for a in adapters for m in a.modules.values()), default=0)
-        max_rank = max_rank or max(top, 16)
-        if top > max_rank:
-            raise UserError(f"an adapter has rank {top}, above --max-rank {max_rank}: raise --max-rank")
-        extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
-    else:
-        raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
     work = loaded.copy(dtype=torch_dtype)
     feed = BranchFeed(layout)
-    attach_feed(work.module, paths, feed)
-    model = trace_mod.trace(work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype)
-    table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype)
-    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
+    attach_feed(work.module, wiring.paths, feed)
+    model = trace_mod.trace(
+        work, extra=wiring.extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype
+    )
+    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=wiring.table)
     files = trace_mod.save(model, out)
     write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)
