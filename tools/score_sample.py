@@ -51,6 +51,39 @@ def peft_rows(split: str, limit: int | None) -> list[task_run.TaskRow]:
     return rows
 
 
+def onnx_rows(split: str, limit: int | None, work: Path, layouts: list[str]) -> list[task_run.TaskRow]:
+    """merged (one folder per adapter), inputs (adapter by name), bank (rows alternate the adapters in each batch)."""
+    from lora_export import api
+
+    records = e2e.records(split)[:limit]
+    prompts = [e2e.prompt(r.mr) for r in records]
+    tok = task_run.load_tokenizer(e2e.model_dir())
+    specs = e2e.adapter_specs()
+    rows = []
+    for layout in layouts:
+        if layout == "merged":
+            for task, spec in zip(e2e.ADAPTERS, specs):
+                folder = work / f"merged_{task}"
+                api.export_decoder(e2e.SPEC, folder, adapters=[spec], layout="merged", verify=False, force=True)
+                gen = task_run.onnx_generator(folder, tok)
+                rows.append(task_run.evaluate("ONNX merged", task, gen, prompts, [r.refs(task) for r in records]))
+            continue
+        folder = work / layout
+        api.export_decoder(e2e.SPEC, folder, adapters=specs, layout=layout, verify=False, force=True)
+        if layout == "inputs":
+            for task in e2e.ADAPTERS:
+                gen = task_run.onnx_generator(folder, tok, adapter=task)
+                rows.append(task_run.evaluate("ONNX branched", task, gen, prompts, [r.refs(task) for r in records]))
+        else:  # one batch mixes both adapters row by row; each row is scored against its own task
+            mixed = [e2e.ADAPTERS[i % 2] for i in range(len(prompts))]
+            outputs = task_run.onnx_generator(folder, tok, adapters=list(e2e.ADAPTERS))(prompts)
+            for task in e2e.ADAPTERS:
+                idx = [i for i, t in enumerate(mixed) if t == task]
+                scores = task_run.score([outputs[i] for i in idx], [records[i].refs(task) for i in idx])
+                rows.append(task_run.TaskRow("ONNX bank (mixed rows)", task, scores, [outputs[i] for i in idx]))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--split", default="test", choices=["dev", "test"])
@@ -58,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--show", type=int, default=2, help="print this many generations per row")
+    ap.add_argument("--onnx", default="merged,inputs,bank", help="ONNX layouts to add ('' for none)")
+    ap.add_argument("--work", type=Path, default=Path("score-work"), help="folder for the exported decoders")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = peft_rows(args.split, args.limit)
+    layouts = [x for x in args.onnx.split(",") if x]
+    if layouts:
+        rows += onnx_rows(args.split, args.limit, args.work, layouts)
     table = task_run.markdown_table(rows)
     for r in rows:
         for out in r.outputs[: args.show]:

@@ -60,9 +60,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="lora-export")
-@click.option(
-    "-v", "--verbose", is_flag=True, help="Also show other libraries' progress bars, log lines and warnings."
-)
+@click.option("-v", "--verbose", is_flag=True, help="Also show other libraries' progress bars, log lines and warnings.")
 def cli(verbose: bool) -> None:
     """Export PyTorch models with LoRA adapters to ONNX, merged or branched; optimize; build TensorRT
     engines; verify parity against PyTorch/PEFT semantics; benchmark.

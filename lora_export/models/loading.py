@@ -147,7 +147,9 @@ def _load_transformers_dir(path: Path, spec: str) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {path} as a transformers model: {str(e).splitlines()[0]}") from None
     module.config.use_cache = False
-    return _wrap_transformers(module, spec)
+    loaded = _wrap_transformers(module, spec)
+    loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
+    return loaded
 
 
 def _load_py(spec: str) -> LoadedModel:

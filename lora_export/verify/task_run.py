@@ -15,6 +15,8 @@ from pathlib import Path
 
 from lora_export.verify.task import TaskScores, score
 
+__all__ = ["TaskRow", "TaskScores", "evaluate", "markdown_table", "onnx_generator", "score", "torch_generator"]
+
 TextGenerator = Callable[[Sequence[str]], list[str]]
 
 
