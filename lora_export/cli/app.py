@@ -66,5 +66,6 @@ def cli(verbose: bool) -> None:
     engines; verify parity against PyTorch/PEFT semantics; benchmark.
 
     MODEL is a local transformers directory, py:package.module:factory, or sample:NAME
-    (gpt2, llama, qwen2, mistral, bert, gpt2-small, gpt2-medium, convnet).
+    (gpt2, llama, qwen2, mistral, bert, gpt2-small, gpt2-medium, convnet; e2e is trained, with the adapters
+    sample:e2e/description and sample:e2e/review).
     """
