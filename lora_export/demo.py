@@ -56,8 +56,10 @@ def own_folder(out: Path) -> None:
 def run_demo(
     out_dir: str | Path, *, items: int = 40, record: int = 0, step: Callable[[str], AbstractContextManager[Any]]
 ) -> DemoResult:
-    from lora_export import api
+    from lora_export.adapters.peft_io import read_adapter
+    from lora_export.export.decoder import export_decoder
     from lora_export.models import e2e
+    from lora_export.models.loading import load_model
     from lora_export.verify import task_run
 
     out = Path(out_dir)
@@ -65,7 +67,8 @@ def run_demo(
     folder = out / "e2e_bank"
     specs = e2e.adapter_specs()
     with step("exporting sample:e2e with both adapters (bank decoder folder)"):
-        exported = api.export_decoder(e2e.SPEC, folder, adapters=specs, layout="bank", verify=False)
+        adapters = [read_adapter(spec) for spec in specs]
+        export_decoder(load_model(e2e.SPEC), folder, adapters=adapters, layout="bank")
     tok = task_run.load_tokenizer(e2e.model_dir())
     records = e2e.records("test")
     shown = records[record]
@@ -74,8 +77,8 @@ def run_demo(
     with step("generating: one batch, one adapter per row (ONNX Runtime)"):
         texts = task_run.onnx_generator(folder, tok, adapters=rows)([e2e.prompt(shown.mr)] * len(rows))
     with step("the same rows in PyTorch (transformers generate)"):
-        adapters = [None if r is None else f"{e2e.SPEC}/{r}" for r in rows]
-        torch_texts = [task_run.torch_generator(e2e.model_dir(), a)([e2e.prompt(shown.mr)])[0] for a in adapters]
+        row_specs = [None if r is None else f"{e2e.SPEC}/{r}" for r in rows]
+        torch_texts = [task_run.torch_generator(e2e.model_dir(), a)([e2e.prompt(shown.mr)])[0] for a in row_specs]
     scores = {}
     subset = records[:items]
     prompts = [e2e.prompt(r.mr) for r in subset]
@@ -85,6 +88,5 @@ def run_demo(
             outputs = task_run.onnx_generator(folder, tok, adapters=[row])(prompts)
             scores[label] = task_run.score(outputs, [r.refs(task) for r in subset])
     params = sum(p.numel() for p in task_run.load_causal_lm(e2e.model_dir()).parameters())
-    lora = api.as_adapter(specs[0]).num_parameters()
-    del exported
+    lora = adapters[0].num_parameters()
     return DemoResult(folder, shown.mr, dict(zip(labels, texts)), dict(zip(labels, torch_texts)), scores, params, lora)

@@ -17,11 +17,14 @@ from lora_export.errors import UserError
 from lora_export.quiet import quiet_third_party
 
 
-def error_line(message: str) -> str:
-    """`error: message`, the one style of every error the CLI prints."""
-    message = message.strip().rstrip(".")
-    if message[:1].isupper() and message[1:2].islower():  # Click's sentences: "No such option" -> "no such option"
-        message = message[0].lower() + message[1:]
+def error_line(message: str, *, from_click: bool = False) -> str:
+    """`error: message`, the one style of every error the CLI prints. Click's sentences ("No such option:
+    --x.") are put in ours (lower case start, no final period); our messages are printed as they are."""
+    message = message.strip()
+    if from_click:
+        message = message.rstrip(".")
+        if message[:1].isupper() and message[1:2].islower():
+            message = message[0].lower() + message[1:]
     return f"error: {message}"
 
 
@@ -33,10 +36,10 @@ class _Group(click.Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx is not None else (prog_name or "lora-export")
-            click.echo(f"{error_line(e.format_message())} (see '{where} --help')", err=True)
+            click.echo(f"{error_line(e.format_message(), from_click=True)} (see '{where} --help')", err=True)
             sys.exit(e.exit_code)
         except click.ClickException as e:
-            click.echo(error_line(e.format_message()), err=True)
+            click.echo(error_line(e.format_message(), from_click=True), err=True)
             sys.exit(e.exit_code)
         except click.Abort:
             click.echo("interrupted", err=True)

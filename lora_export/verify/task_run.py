@@ -76,9 +76,10 @@ def torch_generator(
     if model is None:
         model = load_causal_lm(model_dir)
         if adapter is not None:
-            from lora_export.api import as_adapter
+            from lora_export.adapters.adapter import Adapter
+            from lora_export.adapters.peft_io import read_adapter
 
-            attach_adapter(model, as_adapter(adapter))
+            attach_adapter(model, adapter if isinstance(adapter, Adapter) else read_adapter(adapter))
     return lambda prompts: generate_text(model, tok, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
