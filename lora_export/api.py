@@ -277,34 +277,13 @@ def refit(
         return refit_engine(plan, ad, **refit_kwargs)
 
 
-@dataclass
-class DemoResult:
-    adapter: Adapter
-    export: ExportResult
-    report: ParityReport
-    base_parameters: int
+def demo(out_dir: str | Path = "lora-export-demo", *, items: int = 40, progress: Progress | None = None):
+    """The trained sample and its two adapters, exported as one bank decoder folder under `out_dir` (which the
+    demo owns: a rerun replaces it): the base model and each adapter generate for the same meaning
+    representation in one batch, PyTorch generates the same, and each row is scored on `items` test items."""
+    from lora_export.demo import run_demo
 
-
-def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progress: Progress | None = None):
-    """Sample GPT-2 + a random PEFT adapter -> merged ONNX -> verified, all written under `out_dir`."""
-    from lora_export.export.merged import export_merged
-    from lora_export.verify.check import verify_graph
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty: pass --force or choose --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    with _step(progress, "building sample:gpt2"):
-        loaded = as_model("sample:gpt2")
-    with _step(progress, "writing a random PEFT adapter (r=8, alpha=16, c_attn)"):
-        make_adapter(loaded, out / "adapter", r=8, alpha=16, force=True)
-        adapter = as_adapter(out / "adapter")
-    with _step(progress, "merging and exporting"):
-        result = export_merged(loaded, adapter, out / "gpt2_merged.onnx", force=True)
-    with _step(progress, "verifying ONNX Runtime vs PyTorch"):
-        report = verify_graph(loaded, result.path, [adapter])
-    params = sum(p.numel() for p in loaded.module.parameters())
-    return DemoResult(adapter, result, report, params)
+    return run_demo(out_dir, items=items, step=lambda label: _step(progress, label))
 
 
 @dataclass

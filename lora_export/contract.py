@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lora_export.errors import AdapterError, UserError
+from lora_export.errors import AdapterError, UserError, named
 
 # -- names ------------------------------------------------------------------------------------------------------
 
@@ -374,7 +374,8 @@ class SlotTable:
         if unknown:
             have = ", ".join(sorted(self.slots)[:4])
             raise AdapterError(
-                f"adapter {adapter.name}: module(s) {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''} "
+                f"{named('adapter', adapter.name)}: module(s) "
+                f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''} "
                 f"have no LoRA slot in this graph (slots: {have}{' ...' if len(self.slots) > 4 else ''})"
             )
         if max_rank is None and self.layout == BANK:
@@ -382,7 +383,7 @@ class SlotTable:
         for p, m in sorted(adapter.modules.items()):
             problem = self.slots[p].problem(m, max_rank, **rank_words)
             if problem:
-                raise AdapterError(f"adapter {adapter.name}: {problem}")
+                raise AdapterError(f"{named('adapter', adapter.name)}: {problem}")
 
     def adapter_feeds(self, adapter: AdapterLike) -> dict[str, np.ndarray]:
         """Inputs layout: the adapter's contract tensors (modules it skips keep their rank-0 defaults)."""

@@ -205,10 +205,18 @@ def test_bad_tolerance_syntax(adapter_dir, tmp_path):
     assert_one_line_error(result, r"--atol 'logits:abc': expected NAME:NUMBER")
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = run("demo", "-o", tmp_path / "demo")
-    assert "PASSED" in result.output
-    assert (tmp_path / "demo" / "gpt2_merged.onnx").exists() and (tmp_path / "demo" / "adapter").is_dir()
+def test_demo_runs_twice_and_owns_its_folder(tmp_path):
+    first = run("demo", "-o", tmp_path / "demo", "--items", "8")
+    assert "description" in first.output and "review" in first.output and "(no adapter)" in first.output
+    assert "identical" in first.output and "BLEU" in first.output
+    assert (tmp_path / "demo" / "e2e_bank" / "model.onnx").exists()
+    again = run("demo", "-o", tmp_path / "demo", "--items", "8")  # the demo's own folder: replaced
+    assert again.output.split("input")[1] == first.output.split("input")[1]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert_one_line_error(run("demo", "-o", mine, ok=False), "not written by the demo")
+    assert (mine / "notes.txt").read_text() == "keep"
 
 
 def test_python_dash_m_and_help():

@@ -16,7 +16,7 @@ from lora_export.adapters.layer import (
     supported_layer,
 )
 from lora_export.adapters.spec import LoraSpec
-from lora_export.errors import AdapterError
+from lora_export.errors import AdapterError, named
 
 
 def unwrap(model: nn.Module) -> dict[str, nn.Module]:
@@ -55,7 +55,8 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
             hints.append(f"{p} (closest: {', '.join(close) if close else 'none'})")
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise AdapterError(
-            f"adapter {adapter.name} targets {len(missing)} module(s) the model lacks: {'; '.join(hints)}{more}. "
+            f"{named('adapter', adapter.name)} targets {len(missing)} module(s) the model lacks: "
+            f"{'; '.join(hints)}{more}. "
             "Is it an adapter for this base model?"
         )
     for path, lora in sorted(adapter.modules.items()):

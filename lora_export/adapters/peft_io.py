@@ -18,7 +18,7 @@ import torch
 from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.spec import LoraSpec, lora_scaling
 from lora_export.contract import PEFT_KEY_HINT, parse_peft_key, peft_names
-from lora_export.errors import AdapterError
+from lora_export.errors import AdapterError, named
 from lora_export.fileio import atomic_dir, sha256_file, sha256_files
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,10 +46,18 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 def read_adapter(source: str | Path, *, name: str | None = None, allow_nonfinite: bool = False) -> Adapter:
-    """Read a PEFT adapter directory or a contract-layout file into an `Adapter`."""
+    """Read a PEFT adapter directory or a contract-layout file into an `Adapter`.
+
+    `sample:e2e/NAME` names an adapter shipped with the trained sample (`lora_export.models.e2e`).
+    """
+    if isinstance(source, str) and source.startswith("sample:"):
+        from lora_export.models.e2e import resolve_adapter
+
+        name = name or source.rpartition("/")[2]
+        source = resolve_adapter(source)
     path = Path(source)
     if not path.exists():
-        raise AdapterError(f"adapter {path} does not exist: give a PEFT adapter directory or an adapter file")
+        raise AdapterError(f"{named('adapter', path)} does not exist: give a PEFT adapter directory or an adapter file")
     if path.is_file() and path.name in (SAFETENSORS_NAME, BIN_NAME) and (path.parent / CONFIG_NAME).exists():
         path = path.parent
     if path.is_dir():
@@ -58,7 +66,8 @@ def read_adapter(source: str | Path, *, name: str | None = None, allow_nonfinite
         adapter = _read_contract_file(path)
     else:
         raise AdapterError(
-            f"adapter {path}: unknown format; expected a PEFT directory or one of {', '.join(CONTRACT_SUFFIXES)}"
+            f"{named('adapter', path)}: unknown format; "
+            f"expected a PEFT directory or one of {', '.join(CONTRACT_SUFFIXES)}"
         )
     adapter.name = name or path.stem
     if not allow_nonfinite:
@@ -72,7 +81,7 @@ def check_finite(adapter: Adapter) -> None:
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise AdapterError(
-                    f"adapter {adapter.source}: {p}.{label} has {bad} NaN/Inf values; "
+                    f"{named('adapter', adapter.source)}: {p}.{label} has {bad} NaN/Inf values; "
                     "fix the adapter or pass --allow-nonfinite"
                 )
 

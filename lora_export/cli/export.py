@@ -117,22 +117,20 @@ def _finish(report) -> None:
 
 @cli.command("demo")
 @click.option(
-    "-o", "--output-dir", "out_dir", default="lora-export-demo", show_default=True, type=click.Path(file_okay=False)
+    "-o",
+    "--output-dir",
+    "out_dir",
+    default="lora-export-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The demo's folder; a rerun replaces it (a non-empty folder the demo did not write is refused).",
 )
-@click.option("--force", is_flag=True, help="Reuse the output directory if it exists.")
+@click.option("--items", type=click.IntRange(1, 200), default=40, show_default=True, help="Test items scored per row.")
 @progress_steps
-def demo(out_dir, force, steps):
-    """Sample GPT-2 + a sample adapter -> merged ONNX -> verified, with a short summary."""
-    result = api.demo(out_dir, force=force, progress=steps)
-    report, adapter, graph = result.report, result.adapter, result.export.path
-    display.parity_table(report)
-    params = result.base_parameters
-    display.out.print(
-        f"\nadapter: {len(adapter.modules)} modules, {adapter.num_parameters():,} LoRA parameters "
-        f"({100 * adapter.num_parameters() / params:.2f}% of {params:,})\n"
-        f"graph:   {graph} ({graph.stat().st_size / 1e6:.1f} MB), manifest {graph}.json\n"
-        f"parity:  worst max abs error {max(report.worst().values()):.2e}, "
-        f"{'PASSED' if report.passed else 'FAILED'}"
-    )
-    if not report.passed:
+def demo(out_dir, items, steps):
+    """The trained sample (tiny GPT-2, synthetic restaurant data) and its two LoRA adapters as one ONNX bank
+    folder: base model and both adapters generate for the same input, checked against PyTorch, then scored."""
+    result = api.demo(out_dir, items=items, progress=steps)
+    display.demo_summary(result)
+    if not result.matches_torch:
         raise click.exceptions.Exit(1)

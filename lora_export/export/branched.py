@@ -36,7 +36,7 @@ from lora_export.contract import (
     rank_dim,
     weight_names,
 )
-from lora_export.errors import AdapterError, UserError
+from lora_export.errors import AdapterError, UserError, named
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
@@ -56,7 +56,7 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
             check_fits(loaded.module, a)
             if any(m.is_conv for m in a.modules.values()):
                 raise AdapterError(
-                    f"adapter {a.name} adapts Conv2d layers; branched export supports Linear/Conv1D only"
+                    f"{named('adapter', a.name)} adapts Conv2d layers; branched export supports Linear/Conv1D only"
                 )
         return sorted({p for a in adapters for p in a.modules})
     if targets is None:

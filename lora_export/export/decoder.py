@@ -135,7 +135,7 @@ def export_decoder(
         trace_mod.save(model, tmp / MODEL_NAME)
         write_manifest(tmp / MODEL_NAME, manifest)
         write_json(tmp / CONFIG_NAME, genai_config(facts, MODEL_NAME, search))
-        _copy_tokenizer(loaded.source, tmp)
+        _copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp)
         if layout != MERGED and adapters:
             (tmp / ADAPTERS_DIR).mkdir()
             for a in adapters:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lora_export.errors import UserError
+from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
 from lora_export.models.zoo import SAMPLES, build_sample
 
@@ -69,15 +70,17 @@ def load_model(spec: str) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
         return _load_transformers_dir(path, spec)
-    names = ", ".join(f"sample:{n}" for n in SAMPLES)
+    names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME])
     raise UserError(
         f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
     )
 
 
 def _load_sample(name: str, spec: str) -> LoadedModel:
+    if name == e2e.NAME:  # trained, shipped as a transformers directory
+        return _load_transformers_dir(e2e.model_dir(), spec)
     if name not in SAMPLES:
-        raise UserError(f"unknown sample {name!r}: choose one of {', '.join(SAMPLES)}")
+        raise UserError(f"unknown sample {name!r}: choose one of {', '.join([*SAMPLES, e2e.NAME])}")
     module, sample = build_sample(name)
     if sample.arch == "convnet":
         return LoadedModel(
@@ -144,7 +147,9 @@ def _load_transformers_dir(path: Path, spec: str) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {path} as a transformers model: {str(e).splitlines()[0]}") from None
     module.config.use_cache = False
-    return _wrap_transformers(module, spec)
+    loaded = _wrap_transformers(module, spec)
+    loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
+    return loaded
 
 
 def _load_py(spec: str) -> LoadedModel:
