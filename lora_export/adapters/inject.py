@@ -32,8 +32,34 @@ def unwrap(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(targets: list[str] | str) -> bool:
+    """PEFT's `target_modules="all-linear"` shorthand (also as the only item of a list, as `--targets` gives it)."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    return len(items) == 1 and isinstance(items[0], str) and items[0].lower() == ALL_LINEAR
+
+
+def output_layer_path(model: nn.Module) -> str | None:
+    """The path of a transformers model's output layer (`lm_head`), which PEFT's all-linear leaves out."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is None:
+        return None
+    return next((p for p, m in unwrap(model).items() if m is out or getattr(m, "base_layer", None) is out), None)
+
+
 def find_targets(model: nn.Module, spec: LoraSpec) -> list[str]:
-    """Paths of supported layers that `spec` targets (PEFT's matching rules)."""
+    """Paths of supported layers that `spec` targets (PEFT's matching rules, `all-linear` included: every
+    Linear/Conv1D but the output layer)."""
+    if is_all_linear(spec.target_modules):
+        skip = output_layer_path(model)
+        return [
+            p
+            for p, m in unwrap(model).items()
+            if p and (isinstance(m, nn.Linear) or is_conv1d(m)) and p != skip and not spec.excludes(p)
+        ]
     found = [p for p, m in unwrap(model).items() if p and supported_layer(m) and spec.matches(p)]
     if not found:
         names = sorted({p.rsplit(".", 1)[-1] for p, m in unwrap(model).items() if supported_layer(m)})

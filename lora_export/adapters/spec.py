@@ -62,7 +62,7 @@ class LoraSpec:
 
     def matches(self, path: str) -> bool:
         """Whether module `path` is a target, following PEFT's `check_target_module_exists`."""
-        if self._excluded(path):
+        if self.excludes(path):
             return False
         targets = self.target_modules
         if isinstance(targets, str):
@@ -73,7 +73,8 @@ class LoraSpec:
             return False
         return self._layer_selected(path)
 
-    def _excluded(self, path: str) -> bool:
+    def excludes(self, path: str) -> bool:
+        """Whether `exclude_modules` leaves module `path` out."""
         ex = self.exclude_modules
         if not ex:
             return False
