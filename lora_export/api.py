@@ -3,17 +3,28 @@
 from lora_export import api
 result = api.merge_and_export("sample:gpt2", "my_adapter/", "out.onnx")
 report = api.verify("sample:gpt2", "out.onnx", adapters=["my_adapter/"])
+
+The CLI commands parse their options, call these functions and display what they return; the orchestration
+(load -> export -> verify, which adapters verify a graph, the demo) lives here once. Slow functions take
+`progress`: a callable that gets a step label and returns a context manager held while that step runs (the
+CLI's spinner); None runs quietly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
-from lora_export.adapters.random import random_adapter
-from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+from lora_export.adapters.spec import LoraSpec, default_targets
+from lora_export.adapters.synthetic import random_adapter
+from lora_export.contract import BANK, INPUTS
 from lora_export.errors import UserError
 from lora_export.export.merged import ExportResult
 from lora_export.fileio import check_output_path
@@ -22,6 +33,7 @@ from lora_export.verify.parity import ParityReport
 
 ModelLike = str | LoadedModel
 AdapterLike = str | Path | Adapter
+Progress = Callable[[str], AbstractContextManager[Any]]
 
 
 def as_model(model: ModelLike) -> LoadedModel:
@@ -30,6 +42,20 @@ def as_model(model: ModelLike) -> LoadedModel:
 
 def as_adapter(adapter: AdapterLike, *, allow_nonfinite: bool = False) -> Adapter:
     return adapter if isinstance(adapter, Adapter) else read_adapter(adapter, allow_nonfinite=allow_nonfinite)
+
+
+def _step(progress: Progress | None, label: str) -> AbstractContextManager[Any]:
+    return progress(label) if progress is not None else contextlib.nullcontext()
+
+
+def _loading(model: ModelLike) -> str:
+    return f"loading {model if isinstance(model, str) else model.source}"
+
+
+def verifying_adapters(layout: str, adapters: list[Adapter]) -> list[Adapter]:
+    """The adapters that verify a branched graph: all of them for a bank graph (mixed per row), the first
+    for an inputs-layout graph (one adapter per call)."""
+    return list(adapters) if layout == BANK else list(adapters[:1])
 
 
 @dataclass
@@ -45,38 +71,109 @@ def merge_and_export(
     *,
     verify: bool = True,
     allow_nonfinite: bool = False,
+    progress: Progress | None = None,
     **export_kwargs,
 ) -> ExportOutcome:
+    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch."""
     from lora_export.export.merged import export_merged
     from lora_export.verify.check import verify_graph
 
-    loaded = as_model(model)
-    ad = as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter is not None else None
-    result = export_merged(loaded, ad, out, allow_nonfinite=allow_nonfinite, **export_kwargs)
-    report = verify_graph(loaded, result.path, [ad] if ad else [], check_effect=ad is not None) if verify else None
+    with _step(progress, _loading(model)):
+        loaded = as_model(model)
+        ad = as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter is not None else None
+    with _step(progress, "merging and exporting"):
+        result = export_merged(loaded, ad, out, allow_nonfinite=allow_nonfinite, **export_kwargs)
+    report = None
+    if verify:
+        with _step(progress, "verifying against PyTorch"):
+            report = verify_graph(loaded, result.path, [ad] if ad else [], check_effect=ad is not None)
     return ExportOutcome(result, report)
 
 
 def export_branched(
-    model: ModelLike, out: str | Path, *, adapters: list[AdapterLike] = (), verify: bool = True, **export_kwargs
+    model: ModelLike,
+    out: str | Path,
+    *,
+    adapters: list[AdapterLike] = (),
+    verify: bool = True,
+    progress: Progress | None = None,
+    **export_kwargs,
 ) -> ExportOutcome:
+    """Export with the LoRA branch kept in the graph (`layout` inputs or bank); verify with the adapters."""
     from lora_export.export.branched import export_branched as _export
     from lora_export.verify.check import verify_graph
 
-    loaded = as_model(model)
-    ads = [as_adapter(a) for a in adapters]
-    result = _export(loaded, out, adapters=ads, **export_kwargs)
+    layout = export_kwargs.get("layout", INPUTS)
+    with _step(progress, _loading(model)):
+        loaded = as_model(model)
+        ads = [as_adapter(a) for a in adapters]
+    with _step(progress, f"exporting branched ({layout})"):
+        result = _export(loaded, out, adapters=ads, **export_kwargs)
     report = None
     if verify:
-        layout = export_kwargs.get("layout", "inputs")
-        report = verify_graph(loaded, result.path, ads if layout == "bank" else ads[:1], check_effect=bool(ads))
+        with _step(progress, "verifying against PyTorch"):
+            report = verify_graph(loaded, result.path, verifying_adapters(layout, ads), check_effect=bool(ads))
     return ExportOutcome(result, report)
 
 
-def verify(model: ModelLike, onnx_path: str | Path, *, adapters: list[AdapterLike] = (), **kwargs) -> ParityReport:
-    from lora_export.verify.check import verify_graph
+def verify(
+    model: ModelLike,
+    onnx_path: str | Path | None = None,
+    *,
+    adapters: list[AdapterLike] = (),
+    allow_nonfinite: bool = False,
+    **kwargs,
+) -> ParityReport:
+    """Compare two backends (default: ONNX Runtime on `onnx_path` against PyTorch with the adapters resident);
+    `kwargs` go to `verify.check.verify_backends` (reference, candidate, engine_path, shapes, seeds, ...)."""
+    from lora_export.verify.check import verify_backends
 
-    return verify_graph(as_model(model), onnx_path, [as_adapter(a) for a in adapters], **kwargs)
+    loaded = as_model(model)
+    ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    return verify_backends(loaded, ads, onnx_path=onnx_path, **kwargs)
+
+
+def optimize(
+    graph: str | Path,
+    out: str | Path,
+    *,
+    bench: bool = False,
+    batch: int = 1,
+    seq: int = 128,
+    progress: Progress | None = None,
+    **optimize_kwargs,
+) -> dict[str, Any]:
+    """Optimize `graph` into `out` (`passes.pipeline.optimize_file`); with `bench`, also time both graphs on ONNX
+    Runtime CPU: `report["bench"]` holds the stats by graph and `ratio_after_before`."""
+    from lora_export.passes.pipeline import optimize_file
+
+    with _step(progress, "optimizing"):
+        report = optimize_file(graph, out, **optimize_kwargs)
+    if bench:
+        from lora_export.verify.graphs import measure_graphs
+
+        with _step(progress, f"timing before/after (ONNX Runtime CPU, batch {batch}, seq {seq})"):
+            timing = measure_graphs({"before": graph, "after": out}, batch=batch, seq=seq)
+        measurement = timing.pop("_measurement")
+        report["bench"] = {**timing, "ratio_after_before": measurement.ratio("after", "before").to_dict()}
+    return report
+
+
+def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[str, Any]:
+    """What `target` is and holds: a graph (`.onnx`), an adapter (PEFT dir or adapter file; `base_model` adds
+    the trainable fraction), or a model (its LoRA-capable layers and default targets)."""
+    from lora_export import inspection
+    from lora_export.adapters.spec import DEFAULT_TARGETS
+
+    path = Path(target)
+    text = str(target)
+    if path.suffix == ".onnx":
+        return inspection.inspect_onnx(path)
+    if not text.startswith(("sample:", "py:")) and (path.is_file() or (path / "adapter_config.json").exists()):
+        base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
+        return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
+    loaded = as_model(text)
+    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
 
 
 def make_adapter(
@@ -95,9 +192,7 @@ def make_adapter(
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if not targets:
-        if loaded.arch not in DEFAULT_TARGETS:
-            raise UserError(f"no default LoRA targets for {loaded.arch!r}: pass --targets NAMES")
-        targets = DEFAULT_TARGETS[loaded.arch]
+        targets = default_targets(loaded.arch)
     spec = LoraSpec(
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets if isinstance(targets, str) else list(targets)
     )
@@ -119,3 +214,88 @@ def pack_adapter(
 
     out = check_output_path(out, force, PACK_SUFFIXES)
     return _pack(as_adapter(adapter), out, dtype=dtype, graph=graph)
+
+
+def bench(
+    model: ModelLike,
+    adapters: list[AdapterLike] = (),
+    *,
+    config=None,
+    bank_size: int = 4,
+    workdir: str | Path | None = None,
+    allow_nonfinite: bool = False,
+    on_progress: Callable[[str, int, int], None] | None = None,
+):
+    """Latency per backend x mode x shape (`verify.bench.run_bench`, a `BenchConfig`); graphs are exported to
+    `workdir` (default: a temporary directory). Without adapters a random one is made; a bank is padded
+    with random adapters to `bank_size`. `on_progress(what, done, total)` follows the exports and rounds."""
+    from lora_export.verify.bench import BenchConfig, bench_adapters, run_bench
+
+    config = config or BenchConfig()
+    config.check()
+    loaded = as_model(model)
+    ads, bank, notes = bench_adapters(
+        loaded,
+        [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters],
+        bank_size=bank_size if "bank" in config.modes else 0,
+        seed=config.seed,
+    )
+    with contextlib.ExitStack() as stack:
+        wd = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora_bench_")))
+        return run_bench(
+            loaded,
+            ads[0],
+            config,
+            wd,
+            bank_adapters=bank,
+            progress=on_progress,
+            notes=notes,
+            model_name=model if isinstance(model, str) else None,
+        )
+
+
+def refit(
+    plan: str | Path,
+    adapter: AdapterLike | None,
+    *,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+    **refit_kwargs,
+):
+    """Swap the adapter inside a refittable TensorRT engine (None: back to the base weights); `refit_kwargs`
+    go to `engines.refit.refit_engine` (out, in_place, base, force, log_level)."""
+    from lora_export.engines.refit import refit_engine
+
+    ad = as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter is not None else None
+    with _step(progress, "refitting"):
+        return refit_engine(plan, ad, **refit_kwargs)
+
+
+@dataclass
+class DemoResult:
+    adapter: Adapter
+    export: ExportResult
+    report: ParityReport
+    base_parameters: int
+
+
+def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progress: Progress | None = None):
+    """Sample GPT-2 + a random PEFT adapter -> merged ONNX -> verified, all written under `out_dir`."""
+    from lora_export.export.merged import export_merged
+    from lora_export.verify.check import verify_graph
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} exists and is not empty: pass --force or choose --output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    with _step(progress, "building sample:gpt2"):
+        loaded = as_model("sample:gpt2")
+    with _step(progress, "writing a random PEFT adapter (r=8, alpha=16, c_attn)"):
+        make_adapter(loaded, out / "adapter", r=8, alpha=16, force=True)
+        adapter = as_adapter(out / "adapter")
+    with _step(progress, "merging and exporting"):
+        result = export_merged(loaded, adapter, out / "gpt2_merged.onnx", force=True)
+    with _step(progress, "verifying ONNX Runtime vs PyTorch"):
+        report = verify_graph(loaded, result.path, [adapter])
+    params = sum(p.numel() for p in loaded.module.parameters())
+    return DemoResult(adapter, result, report, params)

@@ -82,8 +82,35 @@ def rank_dim(k: int) -> str:
     return f"r_{k}"
 
 
+_RANK_DIM_RE = re.compile(r"^r_\d+$")
+
+
+def is_rank_dim(label: str) -> bool:
+    """Whether a dim label is a slot's symbolic rank (`rank_dim(k)`)."""
+    return _RANK_DIM_RE.match(label) is not None
+
+
 def strip_peft_prefix(name: str) -> str:
     return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def peft_names(path: str) -> tuple[str, str]:
+    """PEFT's adapter file keys for module `path`: (`base_model.model.P.lora_A.weight`, `... .lora_B.weight`)."""
+    a, b = weight_names(path)
+    return PEFT_PREFIX + a, PEFT_PREFIX + b
+
+
+# PEFT state dicts may carry the adapter's name between the role and `weight` (`P.lora_A.default.weight`)
+_PEFT_KEY_RE = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
+PEFT_KEY_HINT = "names ending in .lora_A/.lora_B.weight"  # for error messages about unexpected keys
+
+
+def parse_peft_key(key: str) -> LoraName | None:
+    """A key of a PEFT adapter file (or of a contract-layout file) -> LoraName(P, "A"|"B"); None otherwise."""
+    m = _PEFT_KEY_RE.match(key)
+    if m is None:
+        return None
+    return LoraName(strip_peft_prefix(m["path"]), m["ab"])
 
 
 def parse(name: str | None) -> LoraName | None:
@@ -141,8 +168,9 @@ _ALIASES = {
 
 
 def dtype_name(value: Any) -> str:
-    """"fp32" / "fp16" / "bf16" from any spelling: numpy or torch dtypes, ONNX element types (int, `FLOAT16`,
-    `tensor(float16)`), onnx-ir `DataType`s, or the names themselves. Unknown types raise ValueError."""
+    """The name (`fp32` / `fp16` / `bf16`) of a floating type in any spelling: numpy or torch dtypes, ONNX
+    element types (int, `FLOAT16`, `tensor(float16)`), onnx-ir `DataType`s, or the names themselves. Unknown
+    types raise ValueError."""
     if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
         text = np.dtype(value).name
     elif hasattr(value, "name") and not isinstance(value, str):  # onnx_ir.DataType and friends
@@ -153,6 +181,18 @@ def dtype_name(value: Any) -> str:
     if text not in _ALIASES:
         raise ValueError(f"not a floating-point tensor type we export: {value!r}")
     return _ALIASES[text]
+
+
+def precision(types: Iterable[Any]) -> str:
+    """The precision of a graph from its tensor types: `bf16` / `fp16` when any floating type among `types`
+    (any spelling `dtype_name` reads) is reduced precision, else `fp32`; integer and other types are ignored."""
+    names = set()
+    for t in types:
+        try:
+            names.add(dtype_name(t))
+        except ValueError:
+            continue
+    return "bf16" if "bf16" in names else "fp16" if "fp16" in names else "fp32"
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -215,17 +255,25 @@ class Slot:
     def from_dict(cls, d: Mapping[str, Any]) -> Slot:
         return cls(d["path"], int(d["in"]), int(d["out"]), d.get("rank_dim"))
 
-    def problem(self, module: ModuleShape, max_rank: int | None = None) -> str | None:
-        """Why `module` does not fit this slot, or None."""
+    def problem(
+        self,
+        module: ModuleShape,
+        max_rank: int | None = None,
+        *,
+        rank_limit: str = "the max rank",
+        rank_fix: str = "re-export with a larger --max-rank",
+    ) -> str | None:
+        """Why `module` does not fit this slot, or None. `rank_limit`/`rank_fix` word the rank problem for the
+        caller (a bank graph's max rank, an engine's LoRA rank)."""
         if module.is_conv:
             return f"{self.path} is a Conv2d adapter; branched graphs take Linear/Conv1D adapters (use merged export)"
         if module.in_features != self.in_features or module.out_features != self.out_features:
             return (
-                f"{self.path} has in={module.in_features}, out={module.out_features} but the slot is "
+                f"{self.path} has in={module.in_features}, out={module.out_features} but the graph slot is "
                 f"in={self.in_features}, out={self.out_features}"
             )
         if max_rank is not None and module.r > max_rank:
-            return f"{self.path} has rank {module.r}, above the max rank {max_rank}; re-export with a larger --max-rank"
+            return f"{self.path} has rank {module.r}, which exceeds {rank_limit} {max_rank}; {rank_fix}"
         return None
 
 
@@ -241,6 +289,13 @@ class SlotTable:
     @property
     def np_dtype(self) -> np.dtype:
         return numpy_dtype(self.dtype)
+
+    @classmethod
+    def from_session(cls, session: Any) -> SlotTable:
+        """The slots of an ONNX Runtime session's graph. ORT lists inputs that have a default initializer (the
+        LoRA slots) as "overridable initializers", apart from the inputs."""
+        values = list(session.get_inputs()) + list(session.get_overridable_initializers())
+        return cls.from_inputs((v.name, list(v.shape), v.type) for v in values)
 
     @classmethod
     def from_inputs(cls, inputs: Iterable[tuple[str, list, Any]]) -> SlotTable:
@@ -272,8 +327,11 @@ class SlotTable:
         names = [n for p in self.slots for n in layout_names(p, self.layout)]
         return ([ADAPTER_INDEX] if self.layout == BANK else []) + names
 
-    def check_adapter(self, adapter: AdapterLike) -> None:
-        """Raise a one-line AdapterError unless every module of `adapter` fits a slot of this graph."""
+    def check_adapter(self, adapter: AdapterLike, *, max_rank: int | None = None, **rank_words: str) -> None:
+        """Raise a one-line AdapterError unless every module of `adapter` fits a slot of this graph.
+
+        Bank graphs cap the rank at `self.max_rank`; `max_rank` sets a cap for other tables (an engine built
+        with LoRA weights of rank R), and `rank_words` (`rank_limit`, `rank_fix`) word that error."""
         if self.layout == MERGED:
             raise UserError("this graph has no LoRA inputs (a merged or base graph): export it with export-branched")
         unknown = sorted(p for p in adapter.modules if p not in self.slots)
@@ -283,9 +341,10 @@ class SlotTable:
                 f"adapter {adapter.name}: module(s) {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''} "
                 f"have no LoRA slot in this graph (slots: {have}{' ...' if len(self.slots) > 4 else ''})"
             )
-        max_rank = self.max_rank if self.layout == BANK else None
+        if max_rank is None and self.layout == BANK:
+            max_rank = self.max_rank
         for p, m in sorted(adapter.modules.items()):
-            problem = self.slots[p].problem(m, max_rank)
+            problem = self.slots[p].problem(m, max_rank, **rank_words)
             if problem:
                 raise AdapterError(f"adapter {adapter.name}: {problem}")
 
@@ -385,6 +444,13 @@ class GraphManifest:
     @property
     def slots(self) -> list[Slot]:
         return [Slot.from_dict(d) for d in self.lora_modules]
+
+    def __getitem__(self, key: str) -> Any:
+        """Read access by the JSON key (`manifest["lora_modules"]`), as the sidecar file reads."""
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

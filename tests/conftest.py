@@ -69,8 +69,8 @@ def adapter_dir(tmp_path_factory):
 
 
 def make_random_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rslora=False, name=None, **spec_kw):
-    from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+    from lora_export.adapters.synthetic import random_adapter
 
     spec = LoraSpec(
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets or DEFAULT_TARGETS[loaded.arch], **spec_kw

@@ -95,15 +95,15 @@ def test_merged_invariants_and_bake(name, tmp_path):
 @pytest.mark.parametrize("stem", ["merged", "branched_inputs", "branched_bank"])
 def test_optimized_matches_unoptimized(stem):
     from lora_export.adapters.peft_io import read_adapter
-    from lora_export.runtime.slots import GraphSlots, adapter_feeds, bank_feeds
+    from lora_export.onnxio import read_slots
 
     f = feeds(batch=3, seq=5, seed=1)
     adapter = read_adapter(GRAPHS / "adapter.onnx_adapter")
-    slots = GraphSlots.from_onnx(GRAPHS / f"{stem}.onnx")
+    slots = read_slots(GRAPHS / f"{stem}.onnx")
     if slots.layout == "inputs":
-        f.update(adapter_feeds(adapter, slots))
+        f.update(slots.adapter_feeds(adapter))
     elif slots.layout == "bank":
-        f.update(bank_feeds([adapter], slots))
+        f.update(slots.bank_feeds([adapter]))
         f["adapter_index"] = np.array([0, -1, 0], dtype=np.int64)
     with OrtRunner(GRAPHS / f"{stem}.onnx") as a, OrtRunner(GRAPHS / f"{stem}.opt.onnx") as b:
         np.testing.assert_allclose(b.infer(f)["logits"], a.infer(f)["logits"], atol=1e-5, rtol=1e-5)

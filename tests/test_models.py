@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_export.adapters.random import random_adapter
 from lora_export.adapters.spec import LoraSpec
+from lora_export.adapters.synthetic import random_adapter
 from lora_export.errors import UserError
 from lora_export.export.branched import export_branched
 from lora_export.export.merged import export_merged

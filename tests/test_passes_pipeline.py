@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from conftest import make_random_adapter
 
 from lora_export.cli import cli
+from lora_export.contract import is_lora_tensor
 from lora_export.passes import optimize_file
-from lora_export.passes.contract import LORA_RE, lora_node_count
+from lora_export.passes.contract import lora_node_count
 
 
 def _feeds(loaded, batch=2, seq=7, seed=1):
@@ -42,7 +43,7 @@ def test_packed_adapter_for_unoptimized_graph_loads_into_optimized(fuse, export_
     names = lambda m: [(v.name, str(v.shape), v.dtype) for v in m.graph.inputs]  # noqa: E731
     assert names(before) == names(after)
     for v in after.graph.inputs:
-        if LORA_RE.match(v.name):
+        if is_lora_tensor(v.name):
             assert after.graph.initializers[v.name] is v and 0 in v.const_value.shape
     assert report["after"]["lora"]["matmuls"] == (6 if fuse else 8)
 

@@ -1,4 +1,4 @@
-"""Benchmark of the optimization passes (issue 4), ONNX Runtime CPU, everything interleaved in one process.
+"""Benchmark of the optimization passes, ONNX Runtime CPU, everything interleaved in one process.
 
     python tools/bench_passes.py                       # sample:gpt2-small, batch 1, seq 128
     python tools/bench_passes.py --model sample:gpt2 --iters 10   # seconds: checks the script runs
@@ -61,15 +61,16 @@ def run(args: argparse.Namespace, work: Path) -> int:
     import onnx_ir as ir
     import torch
 
-    from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+    from lora_export.adapters.synthetic import random_adapter
     from lora_export.backends.torch_runner import TorchRunner
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model
     from lora_export.passes.contract import lora_node_count
-    from lora_export.passes.pipeline import measure_graphs, optimize_file
+    from lora_export.passes.pipeline import optimize_file
     from lora_export.verify.bench import merged_copy
+    from lora_export.verify.graphs import measure_graphs
     from lora_export.verify.latency import Candidate
 
     out: dict = {

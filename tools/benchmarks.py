@@ -1,16 +1,20 @@
-"""The project's reference benchmark suite: every goal ratio the issues set, measured in one process.
+"""The project's reference benchmark suite: every goal ratio the project set itself, measured in one process.
 
     python tools/benchmarks.py                # GPT-2 small shape, writes BENCHMARKS.md (several minutes)
     python tools/benchmarks.py --quick --out /tmp/b.md   # the tiny sample, seconds: checks the suite runs
 
 What it measures (ONNX Runtime CPU, r = 8 on `c_attn`, batch 1 / seq 128 unless stated):
 
-- issue 2: merged-graph / base-graph latency (<= 1.02); ORT / PyTorch eager speedup; merge-and-export time;
-- issue 3: branched + adapter / merged (<= 1.03); bank with 4 adapters mixed per row / branched with one
-  adapter, both at batch 8 (<= 1.15); median adapter switch in `LoraSession` excluding the forward
-  (<= 1 ms); `pack-adapter` time (<= 200 ms); the naive route (re-export + new session) per adapter;
-- issue 4 (when `lora_export.passes.pipeline` exists): optimized / plain branched graph, optimized merged
-  graph vs PyTorch eager (>= 3x), LoRA MatMul and node counts.
+- merged export: merged-graph / base-graph latency (<= 1.02); ORT / PyTorch eager speedup; merge-and-export
+  time;
+- branched export and serving: branched + adapter / merged (<= 1.03); bank with 4 adapters mixed per row /
+  branched with one adapter, both at batch 8 (<= 1.15); median adapter switch in `LoraSession` excluding the
+  forward (<= 1 ms); `pack-adapter` time (<= 200 ms); the naive route (re-export + new session) per adapter;
+- graph passes (when `lora_export.passes.pipeline` exists): optimized / plain branched graph, optimized
+  merged graph vs PyTorch eager (>= 3x), LoRA MatMul and node counts.
+
+The `issue` column of the goal table numbers these areas in the project's tracker (2 merged export, 3
+branched/bank/serving, 4 passes, 5 TensorRT).
 
 Latencies at one shape are timed together, interleaved, by `lora_export.verify.latency.measure` (inputs
 prepared beforehand, rotated between input sets); ratios are of medians, with the median of per-round
@@ -106,15 +110,16 @@ def _optimizer():
 
 def run_suite(args) -> Suite:
     from lora_export.adapters.pack import pack_adapter
-    from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import LoraSpec
+    from lora_export.adapters.synthetic import random_adapter
     from lora_export.backends.onnxrt import OrtRunner, open_session
     from lora_export.backends.torch_runner import TorchRunner
+    from lora_export.contract import ADAPTER_INDEX
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model
+    from lora_export.onnxio import read_slots
     from lora_export.runtime import LoraSession
-    from lora_export.runtime.slots import GraphSlots, adapter_feeds, bank_feeds
     from lora_export.verify.latency import Candidate, measure, ratio, set_threads, summarize, thread_settings
 
     suite = Suite(model=args.model, quick=args.quick)
@@ -175,8 +180,7 @@ def run_suite(args) -> Suite:
         return by
 
     # -- group A: batch 1 -------------------------------------------------------------------------------------
-    slots = GraphSlots.from_onnx(work / "branched.onnx")
-    lora_x = adapter_feeds(x, slots)
+    lora_x = read_slots(work / "branched.onnx").adapter_feeds(x)
     runners = {
         "ort/base": OrtRunner(work / "base.onnx", threads=args.threads, spinning=False),
         "ort/merged": OrtRunner(work / "merged.onnx", threads=args.threads, spinning=False),
@@ -200,8 +204,7 @@ def run_suite(args) -> Suite:
         r.__exit__(None, None, None)
 
     # -- group B: batch 8, bank (4 adapters mixed per row) vs branched (one adapter) -------------------------
-    bank_slots = GraphSlots.from_onnx(work / "bank.onnx")
-    bank_lora = bank_feeds(adapters, bank_slots)
+    bank_lora = read_slots(work / "bank.onnx").bank_feeds(adapters)
     index = np.arange(big_batch, dtype=np.int64) % len(adapters)
     r_bank = OrtRunner(work / "bank.onnx", threads=args.threads, spinning=False).__enter__()
     r_br = OrtRunner(work / "branched.onnx", threads=args.threads, spinning=False).__enter__()
@@ -209,7 +212,7 @@ def run_suite(args) -> Suite:
         Candidate.from_runner(
             "ort/bank4 (mixed rows)",
             r_bank,
-            [{**feeds(big_batch, i), **bank_lora, "adapter_index": index} for i in sets],
+            [{**feeds(big_batch, i), **bank_lora, ADAPTER_INDEX: index} for i in sets],
             tokens=big_batch * seq,
         ),
         Candidate.from_runner(
@@ -484,7 +487,7 @@ def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
         "Threads: with 2 intra-op threads on a shared 2-core machine, every parallel kernel stalls while another "
         "process holds a core (p90 was 2-3x p50 in a trial run); one thread per runner (`--threads 1`) keeps the "
         "interleaved ratios stable, at the cost of absolute latency.",
-        "TensorRT goals (issue 5) need a GPU with TensorRT and are measured by tools/gpu_check.sh, not here.",
+        "TensorRT goals need a GPU with TensorRT and are measured by tools/gpu_check.sh, not here.",
     ]
     lines += ["", "## Notes", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)

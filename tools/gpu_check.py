@@ -134,8 +134,8 @@ def compare_sets(report, name, got_sets, ref_sets, base_sets, dtype) -> bool:
 def run_sample(sample: str, args, caps: dict, report: GpuReport, workdir: Path) -> None:
     import torch
 
-    from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import LoraSpec
+    from lora_export.adapters.synthetic import random_adapter
     from lora_export.backends.torch_runner import TorchRunner
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged

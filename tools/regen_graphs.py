@@ -36,8 +36,8 @@ def regenerate(out: Path) -> list[Path]:
     import torch
 
     from lora_export.adapters.pack import pack_adapter
-    from lora_export.adapters.random import random_adapter
     from lora_export.adapters.spec import LoraSpec
+    from lora_export.adapters.synthetic import random_adapter
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model

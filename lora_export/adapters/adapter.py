@@ -1,7 +1,7 @@
 """An adapter in memory: per-module A and B in PEFT's layout plus the scaling of each module.
 
 PEFT layout: `A` is `[r, in]` (`[r, in, kh, kw]` for Conv2d), `B` is `[out, r]` (`[out, r, 1, 1]`).
-The ONNX name contract (see DESIGN.md) uses `[in, r]` and `[r, out]` with the scaling folded into B;
+The ONNX name contract (`lora_export.contract`) uses `[in, r]` and `[r, out]` with the scaling folded into B;
 `contract_tensors` converts.
 """
 
@@ -14,18 +14,8 @@ import numpy as np
 import torch
 
 from lora_export.adapters.spec import LoraSpec
+from lora_export.contract import weight_names
 from lora_export.errors import AdapterError
-
-PEFT_PREFIX = "base_model.model."
-
-
-def contract_names(path: str) -> tuple[str, str]:
-    """Graph input names for module `path`: (`P.lora_A.weight`, `P.lora_B.weight`)."""
-    return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
-
-
-def strip_peft_prefix(name: str) -> str:
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
 @dataclass
@@ -95,7 +85,7 @@ class Adapter:
         """All tensors by graph input name, per the LoRA tensor name contract."""
         out: dict[str, np.ndarray] = {}
         for path, mod in sorted(self.modules.items()):
-            a_name, b_name = contract_names(path)
+            a_name, b_name = weight_names(path)
             out[a_name], out[b_name] = mod.contract_pair()
         return out
 

@@ -11,7 +11,6 @@ from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.layer import (
     BranchFeed,
     LoraLayer,
-    is_conv1d,
     layer_dims,
     merged_weight,
     supported_layer,
@@ -136,12 +135,6 @@ def attach_adapter(model: nn.Module, adapter: Adapter) -> dict[str, LoraLayer]:
     return layers
 
 
-def detach_adapters(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        layer.set_lora(None)
-        layer.feed = None
-
-
 def attach_feed(model: nn.Module, paths: Iterable[str], feed: BranchFeed) -> dict[str, LoraLayer]:
     """Route the given modules' LoRA branch through `feed` (branched export)."""
     layers = wrap_modules(model, paths)
@@ -158,7 +151,3 @@ def merge_adapter(model: nn.Module, adapter: Adapter, *, allow_nonfinite: bool =
         base = modules[path]
         base.weight.data.copy_(merged_weight(base, lora, allow_nonfinite=allow_nonfinite, path=path))
     return sorted(adapter.modules)
-
-
-def weight_layout(module: nn.Module) -> str:
-    return "in_out" if is_conv1d(module) else "out_in"

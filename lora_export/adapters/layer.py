@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_export.adapters.adapter import ModuleLora, contract_names
+from lora_export.adapters.adapter import ModuleLora
+from lora_export.contract import INPUTS, bank_names, weight_names
 from lora_export.errors import AdapterError
 
 
@@ -40,22 +41,22 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
 class BranchFeed:
     """LoRA tensors for the current forward, filled by the export wrapper (graph inputs when traced).
 
-    inputs layout: `tensors[P.lora_A.weight]` `[in, r]`, `tensors[P.lora_B.weight]` `[r, out]` (s folded).
-    bank layout:   `tensors[P.lora_A.bank]` `[N, in, R]`, `tensors[P.lora_B.bank]` `[N, R, out]`, and
+    inputs layout: `tensors` holds `weight_names(P)`: A `[in, r]`, B `[r, out]` (s folded).
+    bank layout:   `tensors` holds `bank_names(P)`: A `[N, in, R]`, B `[N, R, out]`, and
                    `slot_mask` `[batch, N*R]` (1 where the slot belongs to the row's adapter).
     """
 
-    def __init__(self, layout: str = "inputs"):
+    def __init__(self, layout: str = INPUTS):
         self.layout = layout
         self.tensors: dict[str, torch.Tensor] = {}
         self.slot_mask: torch.Tensor | None = None
 
     def branch(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "inputs":
-            a_name, b_name = contract_names(path)
+        if self.layout == INPUTS:
+            a_name, b_name = weight_names(path)
             return (x @ self.tensors[a_name]) @ self.tensors[b_name]  # (B, T, r) -> (B, T, out)
-        a_bank = self.tensors[f"{path}.lora_A.bank"]  # (N, in, R)
-        b_bank = self.tensors[f"{path}.lora_B.bank"]  # (N, R, out)
+        a_name, b_name = bank_names(path)
+        a_bank, b_bank = self.tensors[a_name], self.tensors[b_name]  # (N, in, R), (N, R, out)
         n, d_in, rank = a_bank.shape
         a_cat = a_bank.permute(1, 0, 2).reshape(d_in, n * rank)  # (in, N*R)
         b_cat = b_bank.reshape(n * rank, b_bank.shape[-1])  # (N*R, out)

@@ -1,6 +1,6 @@
 """Write an adapter in the ONNX name-contract layout: `.onnx_adapter` (ORT AdapterFormat), `.safetensors`, `.npz`.
 
-Names are `P.lora_A.weight` `[in, r]` and `P.lora_B.weight` `[r, out]` with the scaling folded into B,
+Names are the contract's `weight_names(P)`, A `[in, r]` and B `[r, out]` with the scaling folded into B,
 exactly the branched graph's LoRA inputs, so ONNX Runtime's `RunOptions.add_active_adapter` can apply the
 file with no code of ours at run time.
 """
@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.contract import INPUTS, numpy_dtype
 from lora_export.errors import UserError
 from lora_export.fileio import atomic_path
 
-PACK_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 PACK_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
 
 
 def packed_tensors(adapter: Adapter, dtype: str = "fp32") -> dict[str, np.ndarray]:
-    np_dtype = PACK_DTYPES[dtype]
+    np_dtype = numpy_dtype(dtype)
     return {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in adapter.contract_tensors().items()}
 
 
@@ -56,13 +56,13 @@ def pack_adapter(
     `dtype` defaults to the graph's LoRA input dtype (ONNX Runtime refuses an adapter of another dtype), or fp32.
     """
     if graph is not None:
-        from lora_export.runtime.slots import GraphSlots
+        from lora_export.onnxio import read_slots
 
-        slots = GraphSlots.from_onnx(graph)
-        if slots.layout != "inputs":
+        slots = read_slots(graph)
+        if slots.layout != INPUTS:
             raise UserError(f"{graph} is a {slots.layout} graph; packed adapters are for inputs-layout graphs")
         slots.check_adapter(adapter)
-        graph_dtype = slots.dtype_name
+        graph_dtype = slots.dtype
         if dtype is not None and dtype != graph_dtype:
             raise UserError(
                 f"--dtype {dtype} does not match {graph}'s {graph_dtype} LoRA inputs (ONNX Runtime would refuse it): "

@@ -2,22 +2,22 @@
 
 A PEFT directory holds `adapter_config.json` + `adapter_model.safetensors` (or a legacy
 `adapter_model.bin`, read only with `torch.load(weights_only=True)`). Single files are in the ONNX
-name-contract layout (`P.lora_A.weight` `[in, r]`, `P.lora_B.weight` `[r, out]`, scaling folded), the
+name-contract layout (`lora_export.contract.weight_names`: A `[in, r]`, B `[r, out]`, scaling folded), the
 layout ONNX Runtime multi-LoRA tools write; names may carry a leading `base_model.model.`.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lora_export.adapters.adapter import PEFT_PREFIX, Adapter, ModuleLora, strip_peft_prefix
+from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.spec import LoraSpec, lora_scaling
+from lora_export.contract import PEFT_KEY_HINT, parse_peft_key, peft_names
 from lora_export.errors import AdapterError
 from lora_export.fileio import atomic_dir, sha256_file, sha256_files
 
@@ -25,8 +25,6 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 CONTRACT_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
-
-_KEY_RE = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>A|B)(?:\.[^.]+)?\.weight$")
 
 # Config fields whose non-default values change the math in ways we do not implement.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -162,14 +160,14 @@ def _first_line(e: Exception) -> str:
 
 
 def _split_key(key: str, where: Path) -> tuple[str, str]:
-    m = _KEY_RE.match(key)
-    if m is None:
+    parsed = parse_peft_key(key)
+    if parsed is None:
         if "lora_embedding" in key:
             raise AdapterError(f"{where}: {key} is an embedding adapter; only Linear/Conv1D/Conv2d are supported")
         if "lora_magnitude_vector" in key:
             raise AdapterError(f"{where}: {key} is a DoRA magnitude (use_dora); DoRA is not supported")
-        raise AdapterError(f"{where}: unexpected tensor {key!r}; expected names ending in .lora_A/.lora_B.weight")
-    return strip_peft_prefix(m.group("path")), m.group("ab")
+        raise AdapterError(f"{where}: unexpected tensor {key!r}; expected {PEFT_KEY_HINT}")
+    return parsed.path, parsed.ab
 
 
 def _pairs(raw: dict[str, torch.Tensor], where: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -274,8 +272,8 @@ def write_peft_adapter(adapter: Adapter, out_dir: str | Path, *, base_model: str
     }
     tensors = {}
     for path, m in sorted(adapter.modules.items()):
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.A.contiguous()
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.B.contiguous()
+        a_name, b_name = peft_names(path)
+        tensors[a_name], tensors[b_name] = m.A.contiguous(), m.B.contiguous()
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, replaceable=(CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lora_export.errors import UserError
+
 # Default targets per architecture, as PEFT's defaults: the paper's Wq, Wv.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
@@ -18,6 +20,14 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"],
     "opt": ["q_proj", "v_proj"],
 }
+
+
+def default_targets(arch: str, fix: str = "pass --targets NAMES") -> list[str]:
+    """The architecture's default target modules; for an architecture without defaults, a one-line error
+    that ends with `fix` (what the caller's user can pass instead)."""
+    if arch not in DEFAULT_TARGETS:
+        raise UserError(f"no default LoRA targets for {arch!r}: {fix}")
+    return list(DEFAULT_TARGETS[arch])
 
 
 def pattern_key(patterns: dict[str, Any], path: str) -> str | None:

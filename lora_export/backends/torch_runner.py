@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -28,8 +26,8 @@ class TorchRunner:
         self.model: LoadedModel | None = None
 
     def __enter__(self) -> TorchRunner:
-        model = copy.copy(self.loaded)
-        model.module = copy.deepcopy(self.loaded.module).to(self.device, self.dtype).eval()
+        model = self.loaded.copy(device=self.device, dtype=self.dtype)
+        model.module.eval()
         if self.adapter is not None:
             attach_adapter(model.module, self.adapter)
         self.model = model

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_export.backends import Feeds
+from lora_export.contract import is_lora_tensor
 from lora_export.engines import _trt
 from lora_export.errors import UserError
 
@@ -75,7 +76,7 @@ class TrtRunner:
     def _input_array(self, name: str, feeds: Feeds) -> np.ndarray:
         if name in feeds:
             return np.ascontiguousarray(feeds[name])
-        if ".lora_" in name:  # no adapter: rank 0 in every dynamic dim
+        if is_lora_tensor(name):  # no adapter: rank 0 in every dynamic dim
             shape = [0 if d < 0 else d for d in self.engine.get_tensor_shape(name)]
             return np.zeros(shape, np.float32)
         raise UserError(f"feed for engine input {name!r} is missing (have: {', '.join(sorted(feeds))})")

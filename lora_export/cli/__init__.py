@@ -1,43 +1,14 @@
 """`lora-export`: one thin Click command per stage; the stages hold the logic.
 
-Each command module registers itself on `cli`; a `UserError` anywhere becomes one line on stderr and its
-exit code (2 bad input, 1 verification failed, 3 missing TensorRT/GPU); other exceptions are bugs.
+The group lives in `cli.app`; each command module registers itself on it (`from lora_export.cli.app import
+cli`) and is imported here, so `lora_export.cli.cli` is the complete CLI.
 """
 
 from __future__ import annotations
 
 import sys
 
-import click
-
-from lora_export import __version__
-from lora_export.errors import UserError
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except UserError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo(
-                "interrupted: the file being written was discarded (outputs are renamed into place only when complete)",
-                err=True,
-            )
-            ctx.exit(130)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(__version__, prog_name="lora-export")
-def cli() -> None:
-    """Export PyTorch models with LoRA adapters to ONNX, merged or branched; optimize; build TensorRT
-    engines; verify parity against PyTorch/PEFT semantics; benchmark.
-
-    MODEL is a local transformers directory, py:package.module:factory, or sample:NAME
-    (gpt2, llama, bert, gpt2-small, gpt2-medium, convnet).
-    """
+from lora_export.cli.app import cli
 
 
 def _register() -> None:
@@ -53,3 +24,5 @@ def main() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+__all__ = ["cli", "main"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from lora_export import api
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import model_argument, nonfinite_option, parse_targets
 
 

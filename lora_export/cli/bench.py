@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import tempfile
 from pathlib import Path
 
 import click
 
 from lora_export import api
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import model_argument, nonfinite_option, parse_ints, write_json_report
 from lora_export.errors import UserError
 
@@ -79,7 +78,8 @@ def bench(
 
         lora-export bench sample:gpt2-small --backends torch,ort --modes base,merged,branched,bank --batch 1,8
     """
-    from lora_export.verify.bench import BenchConfig, bench_adapters, run_bench
+    from lora_export.fileio import atomic_path
+    from lora_export.verify.bench import BenchConfig
     from lora_export.verify.report import TABLE_COLUMNS, machine_line, table_rows, to_markdown
 
     config = BenchConfig(
@@ -97,18 +97,15 @@ def bench(
         device=device,
     )
     config.check()
-    loaded = api.as_model(model)
-    ads, bank, notes = bench_adapters(
-        loaded,
-        [api.as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters],
-        bank_size=bank_size if "bank" in config.modes else 0,
-        seed=seed,
-    )
-    with contextlib.ExitStack() as stack:
-        wd = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lora_bench_")))
-        progress = stack.enter_context(display.progress_bars())
-        report = run_bench(
-            loaded, ads[0], config, wd, bank_adapters=bank, progress=progress, notes=notes, model_name=model
+    with display.progress_bars() as progress:
+        report = api.bench(
+            model,
+            list(adapters),
+            config=config,
+            bank_size=bank_size,
+            workdir=workdir,
+            allow_nonfinite=allow_nonfinite,
+            on_progress=progress,
         )
     report.command = (
         f"lora-export bench {model} --backends {','.join(config.backends)} --modes {','.join(config.modes)} "
@@ -124,7 +121,8 @@ def bench(
     write_json_report(json_path, report.to_dict())
     if md_path:
         Path(md_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(md_path).write_text(to_markdown(report))
+        with atomic_path(md_path, suffix=".md") as tmp:
+            tmp.write_text(to_markdown(report))
     if plot_path:
         from lora_export.verify.plot import plot_latency
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import nonfinite_option, progress_steps
 
 LOG_LEVELS = ["verbose", "info", "warning", "error"]
@@ -103,17 +104,25 @@ def build_engine(
 def refit(plan, adapter, to_base, output, in_place, base, log_level, force, allow_nonfinite, steps):
     """Swap the adapter inside a refittable engine: W0 + s·B·A (merged) or A, B (branched --lora-as weights).
 
-    Weights the previous adapter changed and the new one does not go back to base (NVIDIA/TensorRT#3628).
+    Weights the previous adapter changed and the new one does not go back to base (a refit only replaces the
+    weights it is given, so the previous adapter's would otherwise stay).
     """
     from lora_export import api
-    from lora_export.engines.refit import refit_engine
     from lora_export.errors import UserError
 
     if (adapter is None) == (not to_base):
         raise UserError("give --adapter DIR|FILE, or --base-model to go back to the base weights")
-    ad = api.as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter else None
-    with steps("refitting"):
-        result = refit_engine(plan, ad, out=output, in_place=in_place, base=base, force=force, log_level=log_level)
+    result = api.refit(
+        plan,
+        adapter,
+        allow_nonfinite=allow_nonfinite,
+        progress=steps,
+        out=output,
+        in_place=in_place,
+        base=base,
+        force=force,
+        log_level=log_level,
+    )
     s = result.plan.summary()
     display.out.print(
         f"refit {result.path}: {s['adapted']} weights adapted, {s['restored']} restored to base, "

@@ -1,11 +1,12 @@
-"""merge-and-export, export-branched, demo."""
+"""merge-and-export, export-branched, demo: parse, call `lora_export.api`, display."""
 
 from __future__ import annotations
 
 import click
 
 from lora_export import api
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import (
     export_options,
     model_argument,
@@ -32,29 +33,22 @@ from lora_export.cli.options import (
 @progress_steps
 def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len, allow_nonfinite, no_verify, steps):
     """Fold the adapter into the weights (W0 + s·B·A, fp32) and export ONNX; then verify it."""
-    from lora_export.export.merged import export_merged
-    from lora_export.verify.check import verify_graph
-
-    with steps(f"loading {model}"):
-        loaded = api.as_model(model)
-        ad = api.as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter else None
-    with steps("merging and exporting"):
-        result = export_merged(
-            loaded,
-            ad,
-            output,
-            opset=opset,
-            dtype=dtype,
-            force=force,
-            allow_nonfinite=allow_nonfinite,
-            batch=batch,
-            seq=seq_len,
-        )
-    display.out.print(f"wrote {result.path} (+ {result.path.name}.json)")
-    if not no_verify:
-        with steps("verifying against PyTorch"):
-            report = verify_graph(loaded, result.path, [ad] if ad else [], check_effect=ad is not None)
-        _finish(report)
+    outcome = api.merge_and_export(
+        model,
+        adapter or None,
+        output,
+        verify=not no_verify,
+        allow_nonfinite=allow_nonfinite,
+        progress=steps,
+        opset=opset,
+        dtype=dtype,
+        force=force,
+        batch=batch,
+        seq=seq_len,
+    )
+    display.out.print(f"wrote {outcome.export.path} (+ {outcome.export.path.name}.json)")
+    if outcome.report is not None:
+        _finish(outcome.report)
 
 
 @cli.command("export-branched")
@@ -93,33 +87,25 @@ def export_branched(
     model, adapters, targets, layout, max_rank, output, opset, dtype, force, batch, seq_len, no_verify, steps
 ):
     """Export with the LoRA side branch kept in the graph: swap adapters at run time, or mix them per row."""
-    from lora_export.export.branched import export_branched as _export
-    from lora_export.verify.check import verify_graph
-
-    with steps(f"loading {model}"):
-        loaded = api.as_model(model)
-        ads = [api.as_adapter(a) for a in adapters]
-    target_list = parse_targets(targets)
-    with steps(f"exporting branched ({layout})"):
-        result = _export(
-            loaded,
-            output,
-            adapters=ads,
-            targets=target_list,
-            layout=layout,
-            max_rank=max_rank,
-            opset=opset,
-            dtype=dtype,
-            force=force,
-            batch=batch,
-            seq=seq_len,
-        )
-    m = result.manifest
-    display.out.print(f"wrote {result.path}: {len(m['lora_modules'])} LoRA slots, layout {layout}")
-    if not no_verify:
-        with steps("verifying against PyTorch"):
-            report = verify_graph(loaded, result.path, ads if layout == "bank" else ads[:1], check_effect=bool(ads))
-        _finish(report)
+    outcome = api.export_branched(
+        model,
+        output,
+        adapters=list(adapters),
+        verify=not no_verify,
+        progress=steps,
+        targets=parse_targets(targets),
+        layout=layout,
+        max_rank=max_rank,
+        opset=opset,
+        dtype=dtype,
+        force=force,
+        batch=batch,
+        seq=seq_len,
+    )
+    result = outcome.export
+    display.out.print(f"wrote {result.path}: {len(result.manifest.lora_modules)} LoRA slots, layout {layout}")
+    if outcome.report is not None:
+        _finish(outcome.report)
 
 
 def _finish(report) -> None:
@@ -137,30 +123,14 @@ def _finish(report) -> None:
 @progress_steps
 def demo(out_dir, force, steps):
     """Sample GPT-2 + a sample adapter -> merged ONNX -> verified, with a short summary."""
-    from pathlib import Path
-
-    from lora_export.export.merged import export_merged
-    from lora_export.verify.check import verify_graph
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise click.UsageError(f"{out} exists and is not empty: pass --force or choose --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    with steps("building sample:gpt2"):
-        loaded = api.as_model("sample:gpt2")
-    with steps("writing a random PEFT adapter (r=8, alpha=16, c_attn)"):
-        adapter = api.make_adapter(loaded, out / "adapter", r=8, alpha=16, force=True)
-        adapter = api.as_adapter(out / "adapter")
-    with steps("merging and exporting"):
-        result = export_merged(loaded, adapter, out / "gpt2_merged.onnx", force=True)
-    with steps("verifying ONNX Runtime vs PyTorch"):
-        report = verify_graph(loaded, result.path, [adapter])
+    result = api.demo(out_dir, force=force, progress=steps)
+    report, adapter, graph = result.report, result.adapter, result.export.path
     display.parity_table(report)
-    params = sum(p.numel() for p in loaded.module.parameters())
+    params = result.base_parameters
     display.out.print(
         f"\nadapter: {len(adapter.modules)} modules, {adapter.num_parameters():,} LoRA parameters "
         f"({100 * adapter.num_parameters() / params:.2f}% of {params:,})\n"
-        f"graph:   {result.path} ({result.path.stat().st_size / 1e6:.1f} MB), manifest {result.path}.json\n"
+        f"graph:   {graph} ({graph.stat().st_size / 1e6:.1f} MB), manifest {graph}.json\n"
         f"parity:  worst max abs error {max(report.worst().values()):.2e}, "
         f"{'PASSED' if report.passed else 'FAILED'}"
     )

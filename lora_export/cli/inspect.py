@@ -1,13 +1,12 @@
-"""inspect."""
+"""inspect: parse, call `lora_export.api.inspect`, display."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import click
 
 from lora_export import api
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import echo_json
 
 
@@ -19,18 +18,7 @@ from lora_export.cli.options import echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect(target, base_model, as_json):
     """Adapted modules, ranks, scaling, parameter counts and the trainable fraction."""
-    from lora_export import inspect as insp
-    from lora_export.adapters.spec import DEFAULT_TARGETS
-
-    path = Path(target)
-    if path.suffix == ".onnx":
-        info = insp.inspect_onnx(path)
-    elif not target.startswith(("sample:", "py:")) and (path.is_file() or (path / "adapter_config.json").exists()):
-        base = sum(p.numel() for p in api.as_model(base_model).module.parameters()) if base_model else None
-        info = insp.inspect_adapter(api.as_adapter(path, allow_nonfinite=True), base)
-    else:
-        loaded = api.as_model(target)
-        info = insp.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
+    info = api.inspect(target, base_model=base_model)
     if as_json:
         echo_json(info)
         return

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from lora_export import api
-from lora_export.cli import cli, display
+from lora_export.cli import display
+from lora_export.cli.app import cli
 from lora_export.cli.options import (
     json_option,
     model_argument,
@@ -85,24 +86,21 @@ def verify(
     Exit code 0 when every output on every input set is within tolerance and the adapter visibly changes
     the outputs, 1 otherwise; 3 when TensorRT or a GPU is missing.
     """
-    from lora_export.verify.check import verify_backends
-
     candidate = candidate or ("trt" if engine_path else "ort")
     if "ort" in (reference, candidate) and onnx_path is None:
         raise UserError("the ort backend needs the graph: pass --onnx PATH")
     if "trt" in (reference, candidate) and engine_path is None:
         raise UserError("the trt backend needs an engine: pass --engine PLAN (see build-engine)")
-    loaded = api.as_model(model)
-    ads = [api.as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
     seed_list = parse_ints(seeds, "--seeds")
     shape_list = sweep_shapes(shapes, batches, seqs)
     with display.progress_bars() as progress:
-        report = verify_backends(
-            loaded,
-            ads,
+        report = api.verify(
+            model,
+            onnx_path,
+            adapters=list(adapters),
+            allow_nonfinite=allow_nonfinite,
             reference=reference,
             candidate=candidate,
-            onnx_path=onnx_path,
             engine_path=engine_path,
             atol=parse_per_output(atol, "--atol"),
             rtol=parse_per_output(rtol, "--rtol"),

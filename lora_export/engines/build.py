@@ -18,6 +18,7 @@ from pathlib import Path
 
 import onnx
 
+from lora_export.contract import GraphManifest
 from lora_export.engines import _trt
 from lora_export.engines.flags import FlagChoice, select_flags
 from lora_export.engines.graph import PreparedGraph, precision_of, prepare_graph, save_graph
@@ -25,7 +26,8 @@ from lora_export.engines.manifest import PlanManifest
 from lora_export.engines.profiles import InputProfile, resolve_profiles
 from lora_export.engines.refit_plan import GraphWeights, changed_weights
 from lora_export.errors import UserError
-from lora_export.fileio import atomic_path, check_output_path, manifest_path, read_json, sha256_file
+from lora_export.fileio import atomic_path, check_output_path, sha256_file
+from lora_export.onnxio import read_manifest
 
 Progress = Callable[[str], None]
 
@@ -71,9 +73,8 @@ def plan_build(onnx_path: Path, options: BuildOptions, version: tuple[int, ...])
     return BuildPlan(prepared, profiles, precision, flags)
 
 
-def _graph_manifest(onnx_path: Path) -> dict | None:
-    path = manifest_path(onnx_path)
-    return read_json(path) if path.exists() else None
+def _graph_manifest(onnx_path: Path) -> GraphManifest | None:
+    return read_manifest(onnx_path)
 
 
 class _Monitor:
@@ -272,8 +273,8 @@ def _initial_adapter(onnx_path: Path, prepared: PreparedGraph, base: Path | None
     """The adapter baked into the engine at build time (merged graphs), with the weights it changed."""
     if prepared.kind != "merged":
         return None  # base graphs and branched graphs (zero LoRA weights) start at the base model
-    graph_manifest = _graph_manifest(onnx_path) or {}
-    info = dict((graph_manifest.get("adapters") or [{}])[0])
+    graph_manifest = _graph_manifest(onnx_path)
+    info = dict(((graph_manifest.adapters if graph_manifest else None) or [{}])[0])
     entry = {"name": info.get("name"), "source": info.get("source"), "sha256": info.get("sha256"), "weights": None}
     if base is not None:
         entry["weights"] = changed_weights(GraphWeights(prepared.model), GraphWeights(onnx.load(str(base))))

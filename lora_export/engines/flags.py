@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from lora_export.errors import MissingDependencyError
 
 MIN_MAJOR = 10
-REDUCED_PRECISION = ("float16", "fp16", "bfloat16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -37,16 +36,6 @@ class FlagChoice:
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def graph_precision(dtypes: list[str]) -> str:
-    """'fp16' / 'bf16' when any floating graph input/output is reduced precision, else 'fp32'."""
-    lowered = [d.lower() for d in dtypes]
-    if any(d in ("bfloat16", "bf16") for d in lowered):
-        return "bf16"
-    if any(d in ("float16", "fp16") for d in lowered):
-        return "fp16"
-    return "fp32"
 
 
 def select_flags(version: tuple[int, ...], precision: str, *, refit: bool) -> FlagChoice:

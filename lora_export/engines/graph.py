@@ -18,16 +18,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lora_export import onnxio
+from lora_export.contract import GraphManifest, dtype_name, is_lora_tensor, precision, weight_names
 from lora_export.errors import UserError
 
 LORA_AS = ("inputs", "weights")
 DEFAULT_WEIGHTS_RANK = 16
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf cannot hold more than 2 GB
 
 
 @dataclass
@@ -66,19 +68,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[dict]:
     ]
 
 
-def graph_outputs(model: onnx.ModelProto) -> list[dict]:
-    return [
-        {
-            "name": v.name,
-            "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-            "shape": _dims(v),
-        }
-        for v in model.graph.output
-    ]
-
-
 def _lora_input_names(model: onnx.ModelProto) -> list[str]:
-    return [v.name for v in model.graph.input if ".lora_" in v.name]
+    return [v.name for v in model.graph.input if is_lora_tensor(v.name)]
 
 
 def _remove_initializers(model: onnx.ModelProto, names: set[str]) -> list[str]:
@@ -91,22 +82,25 @@ def _remove_initializers(model: onnx.ModelProto, names: set[str]) -> list[str]:
 
 def prepare_graph(
     model: onnx.ModelProto,
-    manifest: dict | None,
+    manifest: GraphManifest | dict[str, Any] | None,
     *,
     lora_as: str = "inputs",
     lora_rank: int | None = None,
 ) -> PreparedGraph:
-    """Rewrite `model` (in place) for TensorRT; see the module docstring for the two LoRA modes."""
+    """Rewrite `model` (in place) for TensorRT; see the module docstring for the two LoRA modes. `manifest`:
+    the graph's manifest (or its JSON form), for the graph kind and its LoRA slots."""
     if lora_as not in LORA_AS:
         raise UserError(f"--lora-as {lora_as!r}: choose inputs or weights")
-    manifest = manifest or {}
-    kind = manifest.get("kind", "unknown")
+    if isinstance(manifest, dict):
+        manifest = GraphManifest.from_dict({"kind": "unknown", **manifest})
+    manifest = manifest or GraphManifest(kind="unknown")
+    kind = manifest.kind
     lora_names = _lora_input_names(model)
     if not lora_names:
         if lora_rank is not None and lora_as == "weights":
             raise UserError("--lora-as weights/--lora-rank apply to branched graphs; this graph has no LoRA inputs")
         return PreparedGraph(model, kind)
-    modules = manifest.get("lora_modules", [])
+    modules = manifest.lora_modules
     if lora_as == "inputs":
         removed = _remove_initializers(model, set(lora_names))
         return PreparedGraph(
@@ -128,10 +122,10 @@ def prepare_graph(
     del model.graph.input[:]
     model.graph.input.extend(keep_inputs)
     _remove_initializers(model, set(lora_names))
-    for m in modules:
-        a_name, b_name = f"{m['path']}.lora_A.weight", f"{m['path']}.lora_B.weight"
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros((m["in"], rank), np_dtype), a_name))
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros((rank, m["out"]), np_dtype), b_name))
+    for slot in manifest.slots:
+        a_name, b_name = weight_names(slot.path)
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros((slot.in_features, rank), np_dtype), a_name))
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros((rank, slot.out_features), np_dtype), b_name))
     return PreparedGraph(
         model,
         kind,
@@ -147,7 +141,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
     """Write `model` for the parser; weights go to a side file when protobuf's 2 GB limit is near."""
     path = Path(path)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
+    if size > onnxio.EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
         )
@@ -158,15 +152,13 @@ def save_graph(model: onnx.ModelProto, path: Path) -> Path:
 
 def precision_of(model: onnx.ModelProto) -> str:
     """'fp16'/'bf16'/'fp32': the type of most float weights (the graph outputs' when it has none)."""
-    names = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}
     counts: Counter = Counter()
     for t in model.graph.initializer:  # weighted by element count: small fp32 constants do not decide
-        if t.data_type in names:
-            counts[t.data_type] += int(np.prod(t.dims)) if len(t.dims) else 1
+        try:
+            name = dtype_name(t.data_type)
+        except ValueError:
+            continue  # not a float type
+        counts[name] += int(np.prod(t.dims)) if len(t.dims) else 1
     if counts:
-        return names[counts.most_common(1)[0][0]]
-    outs = {v.type.tensor_type.elem_type for v in model.graph.output} & set(names)
-    for t in (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16):
-        if t in outs:
-            return names[t]
-    return "fp32"
+        return counts.most_common(1)[0][0]
+    return precision(v.type.tensor_type.elem_type for v in model.graph.output)

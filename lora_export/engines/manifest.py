@@ -3,7 +3,7 @@
 It records the TensorRT version, the optimization profiles, the flags, the refittable weight names and
 the source graph's sha256, plus what a later refit needs: how LoRA was built in (`lora_as`, `lora_rank`,
 `lora_modules`), where the base weights live (`base_graph`), and the current adapter with the weights it
-changed (so the next refit can restore them; NVIDIA/TensorRT#3628).
+changed (so the next refit can restore them: a refit only replaces the weights it is given).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ largest adapter rank the engine accepts. An engine built with LoRA tensors as we
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from lora_export.contract import NUM_ADAPTERS_DIM, is_rank_dim
 from lora_export.errors import UserError
 
 Shape = tuple[int, ...]
@@ -24,11 +24,10 @@ DIM_DEFAULTS: dict[str, tuple[int, int, int]] = {
     "batch": (1, 1, 8),
     "sequence": (1, 128, 512),
     "r": (0, 8, 64),
-    "num_adapters": (1, 4, 16),
+    NUM_ADAPTERS_DIM: (1, 4, 16),
     "height": (16, 32, 224),
     "width": (16, 32, 224),
 }
-_RANK_DIM = re.compile(r"^r_\d+$")
 
 
 @dataclass(frozen=True)
@@ -79,13 +78,13 @@ def parse_shape_spec(text: str) -> ShapeSpec:
 
 
 def _dim_range(label: str, dim_specs: dict[str, ShapeSpec], input_name: str) -> tuple[int, int, int]:
-    for key in (label, "r" if _RANK_DIM.match(label) else None):
+    for key in (label, "r" if is_rank_dim(label) else None):
         if key and key in dim_specs:
             s = dim_specs[key]
             if len(s.min) != 1:
                 raise UserError(f"--shapes {key}: a dim label takes single sizes (MIN,OPT,MAX), not shapes")
             return s.min[0], s.opt[0], s.max[0]
-    for key in (label, "r" if _RANK_DIM.match(label) else None):
+    for key in (label, "r" if is_rank_dim(label) else None):
         if key and key in DIM_DEFAULTS:
             return DIM_DEFAULTS[key]
     raise UserError(
@@ -103,7 +102,7 @@ def resolve_profiles(inputs: list[dict], specs: list[str] | tuple[str, ...] = ()
     parsed = [parse_shape_spec(s) for s in specs]
     names = {i["name"] for i in inputs}
     labels = {d for i in inputs for d in i["shape"] if isinstance(d, str)}
-    labels_or_rank = labels | ({"r"} if any(_RANK_DIM.match(d) for d in labels) else set())
+    labels_or_rank = labels | ({"r"} if any(is_rank_dim(d) for d in labels) else set())
     by_input = {s.name: s for s in parsed if s.name in names}
     by_dim = {s.name: s for s in parsed if s.name not in names}
     unknown = sorted(set(by_dim) - labels_or_rank)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.contract import Slot, weight_names
 from lora_export.engines import _trt
 from lora_export.engines.manifest import PlanManifest, now
 from lora_export.engines.refit_plan import (
@@ -141,9 +142,9 @@ def lora_zero_supplier(manifest: PlanManifest, fallback: Callable[[str], np.ndar
     """Branched weights engines: a LoRA weight outside the plan is neither old nor new adapter's, so zero."""
     shapes = {}
     rank = int(manifest.lora_rank or 0)
-    for m in manifest.lora_modules:
-        shapes[f"{m['path']}.lora_A.weight"] = (m["in"], rank)
-        shapes[f"{m['path']}.lora_B.weight"] = (rank, m["out"])
+    for slot in map(Slot.from_dict, manifest.lora_modules):
+        a_name, b_name = weight_names(slot.path)
+        shapes[a_name], shapes[b_name] = (slot.in_features, rank), (rank, slot.out_features)
     dtype = np.dtype(manifest.weights_dtype or "float32")
 
     def supply(name: str) -> np.ndarray | None:

@@ -6,7 +6,8 @@ when it goes through a Transpose or a `Gemm(transB=1)` (nn.Linear), the kernel l
 value is `W0 + s·B·A` computed in float32 from the *base* weight and cast back to the graph's dtype
 (as `export_merged` does), so a refit engine holds exactly what a merged export of that adapter holds.
 
-Blended adapters (NVIDIA/TensorRT#3628): a refit only replaces the weights it is given, so swapping
+Blended adapters (reported against TensorRT as NVIDIA/TensorRT#3628): a refit only replaces the weights it
+is given, so swapping
 adapter X for Y must also put back the base value of every weight X changed and Y does not; otherwise
 the engine runs "Y plus the rest of X". `previous` (the weights the engine's current adapter changed,
 tracked in `OUT.plan.json`) drives that restoration.
@@ -25,7 +26,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from lora_export.adapters.adapter import Adapter, contract_names
+from lora_export.adapters.adapter import Adapter
+from lora_export.contract import INPUTS, Slot, SlotTable, weight_names
 from lora_export.errors import AdapterError, UserError
 
 
@@ -134,44 +136,33 @@ def branched_refit_plan(
     adapter: Adapter | None,
     previous: set[str] | list[str] | None,
 ) -> RefitPlan:
-    """Values for a branched engine with LoRA tensors as rank-`rank` weights (A `[in, R]`, B `[R, out]`)."""
-    slots = {m["path"]: m for m in lora_modules}
+    """Values for a branched engine with LoRA tensors as rank-`rank` weights (A `[in, R]`, B `[R, out]`).
+    `lora_modules`: the engine's slots as its manifest records them (`Slot.to_dict()`)."""
+    slots = [Slot.from_dict(m) for m in lora_modules]
     np_dtype = np.dtype(dtype)
     values: dict[str, np.ndarray] = {}
     adapted = []
-    modules = adapter.modules if adapter else {}
-    unknown = sorted(set(modules) - set(slots))
-    if unknown:
-        raise AdapterError(
-            f"adapter adapts {unknown[0]} (and {len(unknown) - 1} more), which has no LoRA slot in this engine; "
-            "export the branched graph with these targets"
+    if adapter is not None:
+        table = SlotTable(INPUTS, {s.path: s for s in slots})
+        table.check_adapter(
+            adapter, max_rank=rank, rank_limit="the engine's LoRA rank", rank_fix="rebuild with --lora-rank"
         )
-    for path, lora in sorted(modules.items()):
-        slot = slots[path]
-        if lora.is_conv:
-            raise AdapterError(f"{path}: Conv2d adapters have no branched form")
-        if lora.r > rank:
-            raise AdapterError(
-                f"{path}: adapter rank {lora.r} exceeds the engine's LoRA rank {rank}: rebuild with --lora-rank"
-            )
-        if (lora.in_features, lora.out_features) != (slot["in"], slot["out"]):
-            raise AdapterError(
-                f"{path}: adapter is {lora.in_features}->{lora.out_features}, slot is {slot['in']}->{slot['out']}"
-            )
+    for path, lora in sorted((adapter.modules if adapter else {}).items()):
+        slot = next(s for s in slots if s.path == path)
         a, b = lora.contract_pair()  # (in, r), (r, out) with the scaling in b
-        a_pad = np.zeros((slot["in"], rank), np.float32)
-        b_pad = np.zeros((rank, slot["out"]), np.float32)
+        a_pad = np.zeros((slot.in_features, rank), np.float32)
+        b_pad = np.zeros((rank, slot.out_features), np.float32)
         a_pad[:, : lora.r], b_pad[: lora.r] = a, b
-        a_name, b_name = contract_names(path)
+        a_name, b_name = weight_names(path)
         values[a_name], values[b_name] = a_pad.astype(np_dtype), b_pad.astype(np_dtype)
         adapted += [a_name, b_name]
     restored = restoration_set(previous, adapted)
-    by_name = {n: (m, k) for m in lora_modules for k, n in enumerate(contract_names(m["path"]))}
+    by_name = {n: (s, k) for s in slots for k, n in enumerate(weight_names(s.path))}
     for name in restored:
         if name not in by_name:
             raise UserError(f"cannot reset {name}: not a LoRA weight of this engine")
-        m, k = by_name[name]
-        values[name] = np.zeros((m["in"], rank) if k == 0 else (rank, m["out"]), np_dtype)
+        s, k = by_name[name]
+        values[name] = np.zeros((s.in_features, rank) if k == 0 else (rank, s.out_features), np_dtype)
     return RefitPlan(values, adapted, restored)
 
 

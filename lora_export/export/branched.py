@@ -1,12 +1,12 @@
 """Branched export: the LoRA side branch stays in the graph, its tensors are graph inputs.
 
-Layout `inputs` (the name contract): for each adapted module P, inputs `P.lora_A.weight` `[in, r_k]` and
-`P.lora_B.weight` `[r_k, out]` (scaling folded into B), each backed by a same-name `[in, 0]` / `[0, out]`
+Layout `inputs` (names from `lora_export.contract`): for each adapted module P, inputs `weight_names(P)`,
+A `[in, r_k]` and B `[r_k, out]` (scaling folded into B), each backed by a same-name `[in, 0]` / `[0, out]`
 initializer, so a run without adapter tensors is the base model. One symbolic rank per module (`r_k`) so
 adapters with per-module ranks (PEFT's rank_pattern) fit.
 
-Layout `bank`: one graph for a batch whose rows use different adapters. Inputs `adapter_index` `[batch]`
-(int64, -1 = no adapter) and per module `P.lora_A.bank` `[N, in, R]`, `P.lora_B.bank` `[N, R, out]`
+Layout `bank`: one graph for a batch whose rows use different adapters. Inputs `ADAPTER_INDEX` `[batch]`
+(int64, `NO_ADAPTER` = -1 = no adapter) and per module `bank_names(P)`, A `[N, in, R]`, B `[N, R, out]`
 (N symbolic, R = max rank, smaller ranks zero-padded). The branch is dense: the N adapters' A
 concatenated along r, a per-row mask keeps only the row's own rank slots, one matmul with the
 concatenated B. This is the formulation that stayed within +5-15% of a single branch on an H200,
@@ -15,34 +15,35 @@ where per-row gather + batched matmul was 2.6-40x slower.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_export.adapters.adapter import Adapter, contract_names
+from lora_export import contract
+from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import attach_feed, check_fits, find_targets, unwrap
 from lora_export.adapters.layer import BranchFeed, layer_dims
-from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+from lora_export.adapters.spec import LoraSpec, default_targets
+from lora_export.contract import (
+    ADAPTER_INDEX,
+    BANK,
+    INPUTS,
+    NUM_ADAPTERS_DIM,
+    Slot,
+    SlotTable,
+    bank_names,
+    rank_dim,
+    weight_names,
+)
 from lora_export.errors import AdapterError, UserError
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
-from lora_export.export.merged import DTYPES, ExportResult
-from lora_export.fileio import check_output_path, manifest_path, write_json
+from lora_export.export.merged import ExportResult
+from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel
+from lora_export.onnxio import write_manifest
 
-NO_ADAPTER = -1  # adapter_index value that selects no adapter
 EXAMPLE_RANK = 2  # torch.export specializes dims of size 0 and 1; the rank stays symbolic in the graph
-
-
-@dataclass
-class LoraSlot:
-    """One adapted module in a branched graph."""
-
-    path: str
-    in_features: int
-    out_features: int
 
 
 def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[str] | str | None) -> list[str]:
@@ -58,9 +59,7 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
                 )
         return sorted({p for a in adapters for p in a.modules})
     if targets is None:
-        if loaded.arch not in DEFAULT_TARGETS:
-            raise UserError(f"no default LoRA targets for {loaded.arch!r}: pass --adapter DIR or --targets NAMES")
-        targets = DEFAULT_TARGETS[loaded.arch]
+        targets = default_targets(loaded.arch, "pass --adapter DIR or --targets NAMES")
     paths = sorted(find_targets(loaded.module, LoraSpec(target_modules=targets)))
     modules = unwrap(loaded.module)
     convs = [p for p in paths if isinstance(modules[p], torch.nn.Conv2d)]
@@ -72,21 +71,22 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
     return paths
 
 
-def lora_slots(loaded: LoadedModel, paths: list[str]) -> list[LoraSlot]:
+def lora_slots(loaded: LoadedModel, paths: list[str], layout: str = INPUTS) -> list[Slot]:
+    """One slot per module path, in order; inputs-layout slots carry their symbolic rank dim (`r_k`)."""
     modules = unwrap(loaded.module)
     slots = []
-    for p in paths:
+    for k, p in enumerate(paths):
         d_in, d_out = layer_dims(modules[p])
-        slots.append(LoraSlot(p, d_in, d_out))
+        slots.append(Slot(p, d_in, d_out, rank_dim(k) if layout == INPUTS else None))
     return slots
 
 
-def _inputs_layout(slots: list[LoraSlot], dtype: torch.dtype) -> list[trace_mod.ExtraInput]:
+def _inputs_layout(slots: list[Slot], dtype: torch.dtype) -> list[trace_mod.ExtraInput]:
     g = torch.Generator().manual_seed(0)
     extra = []
-    for k, s in enumerate(slots):
-        a_name, b_name = contract_names(s.path)
-        r = f"r_{k}"
+    for s in slots:
+        a_name, b_name = weight_names(s.path)
+        r = s.rank_dim
         extra.append(
             trace_mod.ExtraInput(
                 a_name,
@@ -106,24 +106,25 @@ def _inputs_layout(slots: list[LoraSlot], dtype: torch.dtype) -> list[trace_mod.
     return extra
 
 
-def _bank_layout(slots: list[LoraSlot], max_rank: int, batch: int, dtype: torch.dtype) -> list[trace_mod.ExtraInput]:
+def _bank_layout(slots: list[Slot], max_rank: int, batch: int, dtype: torch.dtype) -> list[trace_mod.ExtraInput]:
     g = torch.Generator().manual_seed(0)
     n = 2
-    extra = [trace_mod.ExtraInput("adapter_index", torch.arange(batch, dtype=torch.int64) % n, {0: "batch"})]
+    extra = [trace_mod.ExtraInput(ADAPTER_INDEX, torch.arange(batch, dtype=torch.int64) % n, {0: "batch"})]
     for s in slots:
+        a_name, b_name = bank_names(s.path)
         extra.append(
             trace_mod.ExtraInput(
-                f"{s.path}.lora_A.bank",
+                a_name,
                 torch.randn(n, s.in_features, max_rank, generator=g).to(dtype),
-                {0: "num_adapters"},
+                {0: NUM_ADAPTERS_DIM},
                 default=torch.zeros(0, s.in_features, max_rank, dtype=dtype),
             )
         )
         extra.append(
             trace_mod.ExtraInput(
-                f"{s.path}.lora_B.bank",
+                b_name,
                 torch.randn(n, max_rank, s.out_features, generator=g).to(dtype),
-                {0: "num_adapters"},
+                {0: NUM_ADAPTERS_DIM},
                 default=torch.zeros(0, max_rank, s.out_features, dtype=dtype),
             )
         )
@@ -136,7 +137,7 @@ def export_branched(
     *,
     adapters: list[Adapter] = (),
     targets: list[str] | str | None = None,
-    layout: str = "inputs",
+    layout: str = INPUTS,
     max_rank: int | None = None,
     opset: int | None = None,
     dtype: str = "fp32",
@@ -147,11 +148,11 @@ def export_branched(
     out = check_output_path(out, force)
     adapters = list(adapters)
     paths = resolve_targets(loaded, adapters, targets)
-    slots = lora_slots(loaded, paths)
-    torch_dtype = DTYPES[dtype]
-    if layout == "inputs":
+    slots = lora_slots(loaded, paths, layout)
+    torch_dtype = contract.torch_dtype(dtype)
+    if layout == INPUTS:
         extra = _inputs_layout(slots, torch_dtype)
-    elif layout == "bank":
+    elif layout == BANK:
         top = max((m.r for a in adapters for m in a.modules.values()), default=0)
         max_rank = max_rank or max(top, 16)
         if top > max_rank:
@@ -159,31 +160,12 @@ def export_branched(
         extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
     else:
         raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
-    work = copy.copy(loaded)
-    work.module = copy.deepcopy(loaded.module).to(torch_dtype)
+    work = loaded.copy(dtype=torch_dtype)
     feed = BranchFeed(layout)
     attach_feed(work.module, paths, feed)
     model = trace_mod.trace(work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype)
-    manifest = build_manifest(
-        f"branched-{layout}",
-        loaded,
-        model,
-        adapters=adapters,
-        dtype=dtype,
-        extra={
-            "layout": layout,
-            "lora_modules": [
-                {
-                    "path": s.path,
-                    "in": s.in_features,
-                    "out": s.out_features,
-                    **({"rank_dim": f"r_{k}"} if layout == "inputs" else {}),
-                }
-                for k, s in enumerate(slots)
-            ],
-            **({"max_rank": max_rank, "no_adapter_index": NO_ADAPTER} if layout == "bank" else {}),
-        },
-    )
+    table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype)
+    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
     files = trace_mod.save(model, out)
-    write_json(manifest_path(out), manifest)
+    write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

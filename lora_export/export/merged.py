@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import merge_adapter
+from lora_export.contract import GraphManifest, torch_dtype
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
-from lora_export.fileio import check_output_path, manifest_path, write_json
+from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+from lora_export.onnxio import write_manifest
 
 
 @dataclass
 class ExportResult:
     path: Path
-    manifest: dict
+    manifest: GraphManifest  # also readable by key, as the sidecar JSON: `manifest["lora_modules"]`
     files: list[Path]
 
 
@@ -39,11 +36,10 @@ def export_merged(
 ) -> ExportResult:
     """Export `loaded` with `adapter` merged (or the plain base model when `adapter` is None)."""
     out = check_output_path(out, force)
-    work = copy.copy(loaded)
-    work.module = copy.deepcopy(loaded.module).to(DTYPES[dtype])  # the caller's model stays unmerged
+    work = loaded.copy(dtype=torch_dtype(dtype))  # the caller's model stays unmerged
     if adapter is not None:
         merge_adapter(work.module, adapter, allow_nonfinite=allow_nonfinite)
-    model = trace_mod.trace(work, batch=batch, seq=seq, opset=opset, dtype=DTYPES[dtype])
+    model = trace_mod.trace(work, batch=batch, seq=seq, opset=opset, dtype=torch_dtype(dtype))
     manifest = build_manifest(
         "merged" if adapter is not None else "base",
         loaded,
@@ -52,5 +48,5 @@ def export_merged(
         dtype=dtype,
     )
     files = trace_mod.save(model, out)
-    write_json(manifest_path(out), manifest)
+    write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

@@ -1,4 +1,4 @@
-"""Stable tensor names: base weights keep their module paths, LoRA tensors follow the name contract."""
+"""Stable tensor names: base weights keep their module paths (LoRA tensor names come from `contract`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,3 @@ def rename_initializers(model: ir.Model) -> dict[str, str]:
             graph.initializers[new] = value
             renamed[old] = new
     return renamed
-
-
-def lora_input_names(model: ir.Model) -> list[str]:
-    return [v.name for v in model.graph.inputs if ".lora_A." in v.name or ".lora_B." in v.name]

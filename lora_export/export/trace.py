@@ -23,17 +23,17 @@ import onnx_ir.passes.common as common_passes
 import torch
 from torch import nn
 
+from lora_export import onnxio
 from lora_export.adapters.layer import BranchFeed
+from lora_export.contract import ADAPTER_INDEX, BANK_KIND, A, is_rank_dim, parse
 from lora_export.errors import UserError
 from lora_export.export.names import rename_initializers
 from lora_export.models.loading import LoadedModel, call_model
 
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom
-
 
 @dataclass
 class ExtraInput:
-    """A graph input beyond the model's own (LoRA tensors, the bank's adapter_index)."""
+    """A graph input beyond the model's own (LoRA tensors, the bank's adapter index)."""
 
     name: str
     example: torch.Tensor
@@ -56,7 +56,7 @@ class ExportWrapper(nn.Module):
         feeds = dict(zip(self._loaded.input_names, args[:n]))
         if self._feed is not None:
             extra = dict(zip(self._extra_names, args[n:]))
-            index = extra.pop("adapter_index", None)
+            index = extra.pop(ADAPTER_INDEX, None)
             self._feed.tensors = extra
             if index is not None:
                 self._feed.slot_mask = bank_slot_mask(index, extra, self._feed)
@@ -69,7 +69,7 @@ class ExportWrapper(nn.Module):
 
 def bank_slot_mask(index: torch.Tensor, tensors: dict[str, torch.Tensor], feed: BranchFeed) -> torch.Tensor:
     """`[batch, N*R]`: 1 where rank slot j belongs to the row's adapter (j // R == index); -1 matches none."""
-    a_bank = next(t for k, t in tensors.items() if k.endswith(".lora_A.bank"))  # (N, in, R)
+    a_bank = next(t for k, t in tensors.items() if (p := parse(k)) and p.ab == A and p.kind == BANK_KIND)  # (N, in, R)
     n, rank = a_bank.shape[0], a_bank.shape[2]
     owner = torch.arange(n * rank, device=index.device) // rank  # (N*R,)
     return (owner.unsqueeze(0) == index.unsqueeze(1)).to(a_bank.dtype)  # (batch, N*R)
@@ -95,7 +95,7 @@ def trace(
 
     def dim_for(label: str) -> torch.export.Dim:
         if label not in dims:
-            dims[label] = torch.export.Dim(_py_ident(label), min=0 if label.startswith("r_") else 1)
+            dims[label] = torch.export.Dim(_py_ident(label), min=0 if is_rank_dim(label) else 1)
         return dims[label]
 
     dynamic = tuple(
@@ -218,7 +218,7 @@ def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
     """Write atomically (temp dir, then rename); external data when the weights pass protobuf's 2 GB."""
     path = Path(path)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = size > EXTERNAL_DATA_THRESHOLD
+    external = size > onnxio.EXTERNAL_DATA_THRESHOLD
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         data_name = f"{path.name}.data" if external else None

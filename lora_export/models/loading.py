@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -30,6 +31,15 @@ class LoadedModel:
     make_inputs: inputs_mod.InputMaker
     default_seq: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
+        """This model with a private deep copy of its module (moved to `device` / cast to `dtype` when given),
+        for a caller that merges, wraps or casts it while the original stays as it is."""
+        work = copy.copy(self)
+        work.module = copy.deepcopy(self.module)
+        if device is not None or dtype is not None:
+            work.module = work.module.to(device=device, dtype=dtype)
+        return work
 
     def forward(self, feeds: inputs_mod.Inputs) -> dict[str, torch.Tensor]:
         """Run the model on named inputs; outputs by name, in `output_names` order."""

@@ -1,11 +1,12 @@
 """LoRA-aware, name-preserving graph optimization passes (onnx-ir), one pass a file, plus the pipeline.
 
-Every pass keeps the LoRA tensor name contract (see `contract.py`); `pipeline.optimize_file` chains them.
+Every pass is a `LoraPass`: it keeps the LoRA tensor name contract (`lora_export.contract`);
+`pipeline.optimize_file` chains them.
 """
 
 from lora_export.passes.bake import BakeAdapterPass
 from lora_export.passes.cleanup import CleanupPass
-from lora_export.passes.contract import ContractError, check_preserved, snapshot
+from lora_export.passes.contract import ContractError, LoraPass, check_preserved, snapshot
 from lora_export.passes.fp16 import Float16Pass
 from lora_export.passes.ort_fusion import OrtFusionPass
 from lora_export.passes.pipeline import PipelineOptions, optimize_file, optimize_model
@@ -19,6 +20,7 @@ __all__ = [
     "Float16Pass",
     "FoldLoraScalePass",
     "FuseSiblingBranchesPass",
+    "LoraPass",
     "OrtFusionPass",
     "PipelineOptions",
     "check_preserved",

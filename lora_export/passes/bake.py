@@ -7,8 +7,10 @@ import onnx_ir as ir
 import torch
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.contract import BANK, MERGED
 from lora_export.errors import AdapterError, UserError
-from lora_export.passes.contract import Branch, find_branches, lora_inputs
+from lora_export.onnxio import slots_of_ir
+from lora_export.passes.contract import Branch, LoraPass, find_branches, lora_inputs
 
 _PASSTHROUGH = ("Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")
 
@@ -60,8 +62,8 @@ def find_base_weight(base: ir.Value) -> tuple[ir.Value, bool]:
     )
 
 
-class BakeAdapterPass(ir.passes.InPlacePass):
-    """Rewrite rules, per LoRA branch `y = Add(base, MatMul(MatMul(x, P.lora_A.weight), P.lora_B.weight))`:
+class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
+    """Rewrite rules, per LoRA branch `y = Add(base, MatMul(MatMul(x, A), B))` (A, B: the module's inputs):
 
     1. find the base weight `W` of `base` (see `find_base_weight`); `W := W + s·B·A` computed in float32 as
        `merge-and-export` does (`W + (s·B·A)^T` for `[in, out]` Conv1D weights), keeping W's name;
@@ -73,6 +75,9 @@ class BakeAdapterPass(ir.passes.InPlacePass):
     read by other nodes too (tied), and non-finite results.
     """
 
+    lora_removed = True  # the result is a merged graph
+    weights_changed = True
+
     def __init__(self, adapter: Adapter, *, allow_nonfinite: bool = False):
         super().__init__()
         self.adapter = adapter
@@ -82,17 +87,17 @@ class BakeAdapterPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         names = {v.name for v in lora_inputs(model)}
-        if "adapter_index" in names:
+        slots = slots_of_ir(model)
+        if slots.layout == BANK:
             raise UserError("--bake needs an inputs-layout graph; this is a bank graph (export-branched --layout bank)")
         branches = find_branches(model)
-        if not branches:
+        if slots.layout == MERGED or not branches:
             raise UserError("--bake needs a branched graph with LoRA inputs; this graph has none")
+        slots.check_adapter(self.adapter)
         by_path = {b.path: b for b in branches}
         unknown = sorted(set(self.adapter.modules) - set(by_path))
-        if unknown:
-            raise AdapterError(
-                f"adapter {self.adapter.name}: module(s) {', '.join(unknown[:3])} have no LoRA slot in this graph"
-            )
+        if unknown:  # a slot whose branch the passes no longer recognise
+            raise UserError(f"cannot bake {unknown[0]}: its LoRA branch is not a MatMul(MatMul(x, A), B)")
         for br in branches:
             if br.join is None:
                 raise UserError(f"cannot bake {br.path}: its branch is not added to a base output")

@@ -12,10 +12,10 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lora_export.passes.contract import protected_names
+from lora_export.passes.contract import LoraPass, protected_names
 
 
-class CleanupPass(ir.passes.InPlacePass):
+class CleanupPass(LoraPass, ir.passes.InPlacePass):
     """Rewrite rules (each from onnx-ir / onnxscript, all name-preserving here):
 
     1. fold constant subgraphs unless a node reads a LoRA input or base weight (onnxscript FoldConstantsPass);

@@ -1,14 +1,16 @@
 """What every pass must preserve, and how to find LoRA branches in a graph (shared by the passes).
 
-The contract (DESIGN.md "The LoRA tensor name contract"): each LoRA graph input (`P.lora_A.weight`,
-`P.lora_B.weight`, `P.lora_A.bank`, `P.lora_B.bank`, `adapter_index`) keeps its name, dtype and shape
-(symbolic rank dims included), stays a distinct graph input (never merged with another tensor holding equal
-values, such as the all-zero defaults), keeps its same-name default initializer unchanged, and is still read
-by some node. Base weights (initializers named by module path, e.g. `transformer.h.0.attn.c_attn.weight`,
-which a TensorRT refit addresses) keep their names and shapes.
+The contract (names from `lora_export.contract`): each LoRA graph input (the A/B tensors of either layout
+and the bank's adapter index) keeps its name, dtype and shape (symbolic rank dims included), stays a
+distinct graph input (never merged with another tensor holding equal values, such as the all-zero
+defaults), keeps its same-name default initializer unchanged, and is still read by some node. Base weights
+(initializers named by module path, e.g. `transformer.h.0.attn.c_attn.weight`, which a TensorRT refit
+addresses) keep their names and shapes.
 
 `snapshot(model)` records this; `check_preserved(snapshot, model, ...)` raises `ContractError` listing every
-violation. Tests call it after every pass; the pipeline calls it after each pass too.
+violation. Every pass derives from `LoraPass`, whose onnx-ir `requires` / `ensures` hooks take the snapshot
+before the pass and check it after, with the allowances the pass declares (a bake removes the LoRA inputs
+and changes weights; float16 changes weight dtypes).
 """
 
 from __future__ import annotations
@@ -20,25 +22,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-LORA_RE = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.(?P<kind>weight|bank)$")
+from lora_export.contract import ADAPTER_INDEX, WEIGHT, A, is_lora_input, parse, weight_names
+
 AUTO_NAME_RE = re.compile(r"^(val_\d+|.*/.*|[a-z_]+(_\d+)?)$")  # exporter-generated constants, not parameters
 
 
-class ContractError(AssertionError):
+class ContractError(ir.passes.PostconditionError, AssertionError):
     """A pass broke the LoRA tensor name contract or renamed a base weight."""
 
 
-def is_lora_name(name: str | None) -> bool:
-    return bool(name) and (LORA_RE.match(name) is not None or name == "adapter_index")
-
-
 def lora_inputs(model: ir.Model) -> list[ir.Value]:
-    return [v for v in model.graph.inputs if is_lora_name(v.name)]
+    return [v for v in model.graph.inputs if is_lora_input(v.name)]
 
 
 def is_base_weight(name: str) -> bool:
     """A parameter named by its module path (`a.b.weight`), as opposed to `val_12` or `view_7/shape`."""
-    return "." in name and not is_lora_name(name) and AUTO_NAME_RE.match(name) is None
+    return "." in name and not is_lora_input(name) and AUTO_NAME_RE.match(name) is None
 
 
 def base_weights(model: ir.Model) -> dict[str, ir.Value]:
@@ -146,6 +145,33 @@ def check_preserved(
         raise ContractError("; ".join(problems[:6]) + more)
 
 
+class LoraPass(ir.passes.PassBase):
+    """A pass that keeps the LoRA contract: `requires` snapshots the input graph, `ensures` checks the result
+    against it (`check_preserved`), so the check runs wherever the pass runs, in the pipeline or alone.
+
+    Subclasses declare what they may change: `lora_removed` (the LoRA inputs may be gone, all of them or
+    none), `weights_changed` (base weight values), `dtype_changed` (base weight dtypes). Mix in before
+    `ir.passes.InPlacePass` / `FunctionalPass`.
+    """
+
+    lora_removed = False
+    weights_changed = False
+    dtype_changed = False
+
+    def requires(self, model: ir.Model) -> None:
+        self._before = snapshot(model)
+
+    def ensures(self, model: ir.Model) -> None:
+        before, self._before = self._before, None
+        check_preserved(
+            before,
+            model,
+            lora_removed=self.lora_removed,
+            weights_changed=self.weights_changed,
+            dtype_changed=self.dtype_changed,
+        )
+
+
 # -- finding branches -------------------------------------------------------------------------------------------
 
 
@@ -175,10 +201,10 @@ def find_branches(model: ir.Model) -> list[Branch]:
     inputs = {v.name: v for v in model.graph.inputs}
     branches = []
     for v in model.graph.inputs:
-        m = LORA_RE.match(v.name or "")
-        if not m or m["ab"] != "A" or m["kind"] != "weight":
+        name = parse(v.name)
+        if name is None or name.ab != A or name.kind != WEIGHT:
             continue
-        b = inputs.get(f"{m['path']}.lora_B.weight")
+        b = inputs.get(weight_names(name.path)[1])
         if b is None:
             continue
         for node, idx in v.uses():
@@ -196,7 +222,7 @@ def find_branches(model: ir.Model) -> list[Branch]:
             if user is not None and user.op_type == "Add":
                 join = user
                 base = user.inputs[0] if user.inputs[1] is mm_b.outputs[0] else user.inputs[1]
-            branches.append(Branch(m["path"], v, b, node.inputs[0], node, mm_b, join, base))
+            branches.append(Branch(name.path, v, b, node.inputs[0], node, mm_b, join, base))
     return branches
 
 
@@ -216,7 +242,7 @@ def lora_node_count(model: ir.Model) -> dict[str, int]:
 
 def lora_region(model: ir.Model) -> set[ir.Node]:
     """Forward closure of the LoRA inputs, stopping at the Add/Sub that joins a branch to the base path."""
-    seeds = [v for v in lora_inputs(model) if v.name != "adapter_index"]
+    seeds = [v for v in lora_inputs(model) if v.name != ADAPTER_INDEX]
     region: set[ir.Node] = set()
     reached: set[int] = {id(v) for v in seeds}
     stack = list(seeds)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lora_export.passes.contract import is_lora_name, lora_region
+from lora_export.contract import is_lora_input
+from lora_export.passes.contract import LoraPass, lora_region
 
 FP32, FP16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 FP16_MAX = 65504.0
@@ -57,7 +58,7 @@ def _to_fp16(array: np.ndarray) -> np.ndarray:
     return clipped.astype(np.float16)
 
 
-class Float16Pass(ir.passes.InPlacePass):
+class Float16Pass(LoraPass, ir.passes.InPlacePass):
     """Rewrite rules:
 
     1. nodes outside the keep set compute in float16: their float32 outputs become float16, float32
@@ -73,6 +74,8 @@ class Float16Pass(ir.passes.InPlacePass):
     Values are clipped to +-65504 on conversion, so `finfo(float32).min` attention masks stay finite.
     """
 
+    dtype_changed = True  # base weights become float16 (the contract check allows it)
+
     def __init__(self, *, keep_lora: bool = True, keep_ops: frozenset[str] = KEEP_FP32):
         super().__init__()
         self.keep_lora = keep_lora
@@ -87,7 +90,7 @@ class Float16Pass(ir.passes.InPlacePass):
         modified = False
         # 1. graph inputs (not LoRA) and initializers
         for v in graph.inputs:
-            if v.dtype == FP32 and not is_lora_name(v.name) and v.const_value is None:
+            if v.dtype == FP32 and not is_lora_input(v.name) and v.const_value is None:
                 v.dtype = FP16
                 modified = True
         for name, v in list(graph.initializers.items()):
@@ -142,7 +145,7 @@ class Float16Pass(ir.passes.InPlacePass):
                 node.replace_input_with(i, casts[key])
         # 4. a graph output computed by a kept op (BERT's final LayerNorm) gets a Cast, keeping its name
         for k, out in enumerate(list(graph.outputs)):
-            if out.dtype == FP32 and out.producer() is not None and not is_lora_name(out.name):
+            if out.dtype == FP32 and out.producer() is not None and not is_lora_input(out.name):
                 name = out.name
                 out.name = f"{name}_fp32"
                 cast = ir.node("Cast", [out], attributes={"to": FP16}, name=f"fp16_pass/output_{k}")

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from lora_export.passes.contract import ContractError, base_weights, check_preserved, count_ops, snapshot
+from lora_export.passes.contract import ContractError, LoraPass, base_weights, check_preserved, count_ops, snapshot
 
 # our arch name -> onnxruntime.transformers.optimizer model_type
 MODEL_TYPES = {"gpt2": "gpt2", "bert": "bert", "roberta": "bert", "llama": "bert", "mistral": "bert", "qwen2": "bert"}
@@ -26,7 +26,7 @@ def guess_arch(model: ir.Model) -> str:
     return "unknown"
 
 
-class OrtFusionPass(ir.passes.FunctionalPass):
+class OrtFusionPass(LoraPass, ir.passes.FunctionalPass):
     """Rewrite rules: those of `onnxruntime.transformers.optimizer.optimize_model` for the model type
     (`gpt2` or `bert` fusions: Attention, SkipLayerNormalization, SimplifiedLayerNormalization, FastGelu,
     BiasGelu, ...), run with `opt_level=0` so no ONNX Runtime session-level folding happens here. If the

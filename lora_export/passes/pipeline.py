@@ -3,8 +3,9 @@
     Cleanup -> FoldLoraScale -> [BakeAdapter] -> [FuseSiblingBranches] -> Cleanup -> [OrtFusion]
             -> [Float16 -> Cleanup]
 
-After every pass the LoRA name contract is checked against the input graph (`contract.check_preserved`);
-a violation is a bug in a pass and raises `ContractError` before anything is written.
+Every pass is a `LoraPass`: it checks the LoRA name contract against its own input graph when it runs
+(onnx-ir `requires` / `ensures`); a violation is a bug in a pass and raises `ContractError` before anything
+is written. The written graph's manifest is the source's, with its I/O and slots read from the new graph.
 """
 
 from __future__ import annotations
@@ -18,32 +19,17 @@ from typing import Any
 import onnx_ir as ir
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.contract import GraphManifest
 from lora_export.errors import UserError
 from lora_export.passes.bake import BakeAdapterPass
 from lora_export.passes.cleanup import CleanupPass
-from lora_export.passes.contract import (
-    check_preserved,
-    count_ops,
-    lora_inputs,
-    lora_node_count,
-    snapshot,
-)
+from lora_export.passes.contract import count_ops, lora_inputs, lora_node_count
 from lora_export.passes.fp16 import Float16Pass
 from lora_export.passes.ort_fusion import OrtFusionPass, guess_arch
 from lora_export.passes.scale_fold import FoldLoraScalePass
 from lora_export.passes.sibling_fusion import FuseSiblingBranchesPass
 
 TARGETS = ("ort",)
-
-
-@dataclass
-class Step:
-    """One pass of the pipeline and what `check_preserved` may allow once it has run."""
-
-    pass_: ir.passes.PassBase
-    lora_removed: bool = False
-    weights_changed: bool = False
-    dtype_changed: bool = False
 
 
 @dataclass
@@ -56,20 +42,20 @@ class PipelineOptions:
     allow_nonfinite: bool = False
 
 
-def default_steps(opts: PipelineOptions) -> list[Step]:
+def default_steps(opts: PipelineOptions) -> list[ir.passes.PassBase]:
     if opts.target is not None and opts.target not in TARGETS:
         raise UserError(f"unknown --target {opts.target!r}: choose one of {', '.join(TARGETS)}")
     baked = opts.bake is not None
-    steps = [Step(CleanupPass()), Step(FoldLoraScalePass())]
+    steps: list[ir.passes.PassBase] = [CleanupPass(), FoldLoraScalePass()]
     if baked:
-        steps.append(Step(BakeAdapterPass(opts.bake, allow_nonfinite=opts.allow_nonfinite), True, True))
+        steps.append(BakeAdapterPass(opts.bake, allow_nonfinite=opts.allow_nonfinite))
     if opts.fuse_siblings and not baked:
-        steps.append(Step(FuseSiblingBranchesPass()))
-    steps.append(Step(CleanupPass(), baked, baked))
+        steps.append(FuseSiblingBranchesPass())
+    steps.append(CleanupPass())
     if opts.target == "ort":  # fuse first: the fusers match float32 patterns, not ones broken up by Casts
-        steps.append(Step(OrtFusionPass(opts.arch), baked, baked))
+        steps.append(OrtFusionPass(opts.arch))
     if opts.fp16:
-        steps += [Step(Float16Pass(), baked, baked, True), Step(CleanupPass(), baked, baked, True)]
+        steps += [Float16Pass(), CleanupPass()]
     return steps
 
 
@@ -89,30 +75,23 @@ def optimize_model(model: ir.Model, opts: PipelineOptions | None = None) -> tupl
     """Run the default pipeline on `model` (in place where passes allow); returns (model, report)."""
     opts = opts or PipelineOptions()
     opts.arch = opts.arch or guess_arch(model)
-    before = snapshot(model)
+    had_lora = bool(lora_inputs(model))
     report: dict[str, Any] = {"before": graph_stats(model), "passes": [], "notes": []}
     for step in default_steps(opts):
         t0 = time.perf_counter()
-        result = step.pass_(model)
+        result = step(model)  # the pass checks the contract itself (LoraPass.requires / ensures)
         model = result.model
-        check_preserved(
-            before,
-            model,
-            lora_removed=step.lora_removed,
-            weights_changed=step.weights_changed,
-            dtype_changed=step.dtype_changed,
-        )
-        notes = list(getattr(step.pass_, "notes", []))
+        notes = list(getattr(step, "notes", []))
         report["passes"].append(
             {
-                "pass": type(step.pass_).__name__,
+                "pass": type(step).__name__,
                 "modified": bool(result.modified),
                 "seconds": round(time.perf_counter() - t0, 3),
                 "notes": notes,
             }
         )
         report["notes"] += notes
-    if before.lora and not opts.bake:
+    if had_lora and not opts.bake:
         report["notes"].append("scale: already folded into the fed B inputs (the contract); nothing to fold")
     report["after"] = graph_stats(model)
     return model, report
@@ -136,7 +115,8 @@ def optimize_file(
     """
     from lora_export.adapters.peft_io import read_adapter
     from lora_export.export.trace import save
-    from lora_export.fileio import check_output_path, manifest_path, read_json, write_json
+    from lora_export.fileio import check_output_path
+    from lora_export.onnxio import read_manifest, write_manifest
 
     in_path = Path(in_path)
     if not in_path.is_file():
@@ -149,8 +129,8 @@ def optimize_file(
     adapter = bake
     if bake is not None and not isinstance(bake, Adapter):
         adapter = read_adapter(bake, allow_nonfinite=allow_nonfinite)
-    source_manifest = read_json(manifest_path(in_path)) if manifest_path(in_path).is_file() else None
-    arch = (source_manifest or {}).get("model", {}).get("arch")
+    source_manifest = read_manifest(in_path)
+    arch = source_manifest.model.get("arch") if source_manifest is not None else None
     opts = PipelineOptions(
         bake=adapter, fp16=fp16, target=target, fuse_siblings=fuse_siblings, arch=arch, allow_nonfinite=allow_nonfinite
     )
@@ -163,27 +143,27 @@ def optimize_file(
         "fuse_siblings": fuse_siblings,
     }
     save(model, out_path)
-    write_json(manifest_path(out_path), _manifest(source_manifest, model, report, adapter, fp16))
+    write_manifest(out_path, rewritten_manifest(source_manifest, model, report, adapter, fp16))
     report["output_bytes"] = out_path.stat().st_size
     return report
 
 
-def _manifest(source: dict | None, model: ir.Model, report: dict, adapter: Adapter | None, fp16: bool) -> dict:
-    from lora_export.export.manifest import value_info
+def rewritten_manifest(
+    source: GraphManifest | None, model: ir.Model, report: dict, adapter: Adapter | None, fp16: bool
+) -> GraphManifest:
+    """The source graph's manifest, updated for the optimized `model`: I/O and slots are read from the new
+    graph (a bank graph keeps its adapter index among the inputs), a bake makes it a merged graph."""
+    from lora_export.onnxio import graph_io, slots_of_ir
 
-    manifest = copy.deepcopy(source) if source else {"kind": "unknown"}
-    inputs = [value_info(v) for v in model.graph.inputs]
-    manifest["inputs"] = [i for i in inputs if ".lora_" not in i["name"] and i["name"] != "adapter_index"]
-    manifest["lora_inputs"] = [i for i in inputs if ".lora_" in i["name"]]
-    manifest["outputs"] = [value_info(v) for v in model.graph.outputs]
+    manifest = copy.deepcopy(source) if source is not None else GraphManifest(kind="unknown")
+    manifest.set_io(*graph_io(model))
+    manifest.set_slots(slots_of_ir(model))
     if adapter is not None:
-        manifest["kind"] = "merged"
-        manifest["adapters"] = [*manifest.get("adapters", []), adapter.summary()]
-        for key in ("layout", "lora_modules", "max_rank", "no_adapter_index"):
-            manifest.pop(key, None)
+        manifest.kind = "merged"
+        manifest.adapters = [*manifest.adapters, adapter.summary()]
     if fp16:
-        manifest["dtype"] = "fp16"
-    manifest["optimized"] = {
+        manifest.dtype = "fp16"
+    manifest.optimized = {
         "source": report["input"],
         "options": report["options"],
         "passes": [p["pass"] for p in report["passes"]],
@@ -196,64 +176,3 @@ def _manifest(source: dict | None, model: ir.Model, report: dict, adapter: Adapt
         },
     }
     return manifest
-
-
-def graph_feeds(path: str | Path, batch: int, seq: int, *, seed: int = 0, rank: int = 8) -> dict[str, Any]:
-    """Feeds for timing a graph without its model: token ids < 100, a full attention mask, and for an
-    inputs-layout graph random LoRA tensors of `rank` (so the branch does work); bank graphs keep their
-    defaults (no adapter, `adapter_index` -1)."""
-    import numpy as np
-
-    from lora_export.runtime.slots import GraphSlots
-
-    model = ir.load(path)
-    rng = np.random.default_rng(seed)
-    slots = GraphSlots.from_onnx(path)
-    feeds: dict[str, Any] = {}
-    for v in model.graph.inputs:
-        if v.const_value is not None:
-            continue
-        name = v.name
-        if name == "adapter_index":
-            feeds[name] = np.full((batch,), -1, dtype=np.int64)
-        elif name == "attention_mask":
-            feeds[name] = np.ones((batch, seq), dtype=np.int64)
-        elif name == "token_type_ids":
-            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
-        elif v.dtype == ir.DataType.INT64:
-            feeds[name] = rng.integers(0, 100, size=(batch, seq), dtype=np.int64)
-        else:
-            np_dtype = np.float16 if v.dtype == ir.DataType.FLOAT16 else np.float32
-            feeds[name] = rng.standard_normal((batch, seq)).astype(np_dtype)
-    if slots.layout == "inputs":
-        for path_, slot in slots.modules.items():
-            a = rng.standard_normal((slot.in_features, rank)) / np.sqrt(slot.in_features)
-            b = rng.standard_normal((rank, slot.out_features)) * 0.01
-            feeds[f"{path_}.lora_A.weight"] = a.astype(slots.dtype)
-            feeds[f"{path_}.lora_B.weight"] = b.astype(slots.dtype)
-    return feeds
-
-
-def measure_graphs(
-    graphs: dict[str, str | Path],
-    *,
-    batch: int = 1,
-    seq: int = 128,
-    iters: int = 30,
-    warmup: int = 5,
-    threads: int | None = None,
-    extra: list | None = None,
-) -> dict[str, Any]:
-    """ONNX Runtime CPU latency of several graphs (plus `extra` candidates), interleaved in one process by
-    `lora_export.verify.latency.measure`; returns stats by name and the `Measurement` under `_measurement`."""
-    from lora_export.backends.onnxrt import OrtRunner
-    from lora_export.verify.latency import Candidate, measure
-
-    candidates = []
-    for name, path in graphs.items():
-        runner = OrtRunner(path, threads=threads, spinning=False).__enter__()  # spinning off: see session_options
-        feed_sets = [graph_feeds(path, batch, seq, seed=s) for s in range(3)]
-        candidates.append(Candidate.from_runner(name, runner, feed_sets, tokens=batch * seq))
-    candidates += list(extra or [])
-    result = measure(candidates, warmup=warmup, iters=iters)
-    return {s.name: s.to_dict(samples=False) for s in result.stats} | {"_measurement": result}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lora_export.passes.contract import single_use
+from lora_export.passes.contract import LoraPass, single_use
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -38,7 +38,7 @@ def _constant_b(value: ir.Value) -> tuple[ir.Value | None, str]:
     return value, ""
 
 
-class FoldLoraScalePass(ir.passes.InPlacePass):
+class FoldLoraScalePass(LoraPass, ir.passes.InPlacePass):
     """Rewrite rules:
 
     1. `Mul(MatMul(MatMul(x, A), B), s)` (or `Mul(s, ...)`), `s` a one-element constant, `B` an initializer

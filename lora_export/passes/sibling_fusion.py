@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lora_export.passes.contract import find_branches
+from lora_export.passes.contract import LoraPass, find_branches
 
 
-class FuseSiblingBranchesPass(ir.passes.InPlacePass):
+class FuseSiblingBranchesPass(LoraPass, ir.passes.InPlacePass):
     """Rewrite rule, for n >= 2 branches `h_k = MatMul(x, A_k)` on the same `x` (q/k/v, gate/up):
 
         A_cat = Concat(A_1, ..., A_n, axis=1)                     # (in, r_1 + ... + r_n), built per call

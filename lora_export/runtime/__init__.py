@@ -1,6 +1,5 @@
 """Serving-side API: one branched graph, many adapters, swapped per call or mixed per batch row."""
 
 from lora_export.runtime.session import LoraSession
-from lora_export.runtime.slots import GraphSlots
 
-__all__ = ["GraphSlots", "LoraSession"]
+__all__ = ["LoraSession"]

@@ -4,7 +4,7 @@
   `.onnx_adapter` in a session-owned temp dir) and activated per call with `RunOptions.add_active_adapter`;
   if ORT refuses that, its tensors are kept as prepared `OrtValue` feeds instead.
 - `bank` graphs: a call names an adapter per row; the banks for that set of adapters are stacked once and
-  cached, the call only builds `adapter_index`.
+  cached, the call only builds the per-row adapter index.
 
 Switching adapters never rebuilds the session. `run` takes no lock around inference (ORT sessions are safe
 to call from many threads); the resident tables are replaced copy-on-write under a lock.
@@ -26,9 +26,17 @@ from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.pack import packed_tensors, write_packed
 from lora_export.adapters.peft_io import read_adapter
 from lora_export.backends.onnxrt import feedable_names, open_session
-from lora_export.errors import AdapterError, UserError
-from lora_export.export.branched import NO_ADAPTER
-from lora_export.runtime.slots import GraphSlots, bank_feeds
+from lora_export.contract import (
+    ADAPTER_INDEX,
+    BANK,
+    INPUTS,
+    MERGED,
+    NO_ADAPTER,
+    SlotTable,
+    check_bank_index,
+    is_lora_input,
+)
+from lora_export.errors import UserError
 
 _BANK_CACHE = 16
 
@@ -53,11 +61,11 @@ class LoraSession:
     ):
         self.path = Path(graph)
         self.session = open_session(self.path, providers, threads)
-        self.slots = GraphSlots.from_session(self.session)
-        if self.slots.layout == "merged":
+        self.slots = SlotTable.from_session(self.session)
+        if self.slots.layout == MERGED:
             raise UserError(f"{self.path} has no LoRA inputs: open a graph made by export-branched")
         self.input_names = set(feedable_names(self.session))
-        self.model_inputs = {i.name for i in self.session.get_inputs()} - {"adapter_index"}
+        self.model_inputs = {i.name for i in self.session.get_inputs()} - {ADAPTER_INDEX}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._resident: dict[str, _Resident] = {}
         self._lock = threading.Lock()
@@ -78,7 +86,7 @@ class LoraSession:
         )
         self.slots.check_adapter(adapter)
         resident = _Resident(adapter, next(self._generations))
-        if self.layout == "inputs":
+        if self.layout == INPUTS:
             self._prepare_inputs(resident)
         with self._lock:
             previous = self._resident.get(name)
@@ -90,7 +98,7 @@ class LoraSession:
     def _prepare_inputs(self, resident: _Resident) -> None:
         import onnxruntime as ort
 
-        tensors = packed_tensors(resident.adapter, self.slots.dtype_name)
+        tensors = packed_tensors(resident.adapter, self.slots.dtype)
         if self._use_ort_adapters:
             try:
                 path = Path(self._tmp.name) / f"{resident.generation}.onnx_adapter"
@@ -122,17 +130,6 @@ class LoraSession:
     def __contains__(self, name: str) -> bool:
         return name in self._resident
 
-    def describe(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "name": n,
-                "modules": len(r.adapter.modules),
-                "ranks": sorted(set(r.adapter.ranks().values())),
-                "source": r.adapter.source,
-            }
-            for n, r in self._resident.items()
-        ]
-
     # -- inference ------------------------------------------------------------------------------------------
     def run(
         self,
@@ -152,14 +149,14 @@ class LoraSession:
         batch = self._batch(feeds)
         if adapters is not None and len(adapters) != batch:
             raise UserError(f"adapters names {len(adapters)} row(s) but the batch has {batch}: give one name per row")
-        if self.layout == "bank" and "adapter_index" in feeds and adapters is None and adapter is None:
+        if self.layout == BANK and ADAPTER_INDEX in feeds and adapters is None and adapter is None:
             # raw indices into the resident adapters, in load order
             names = tuple(resident)
-            index = feeds.pop("adapter_index")
+            index = feeds.pop(ADAPTER_INDEX)
             check_bank_index(index, len(names), batch)
             rows = [names[i] if i >= 0 else None for i in np.asarray(index).tolist()]
             feeds.update(self._bank_feeds(rows, resident))
-        elif self.layout == "bank":
+        elif self.layout == BANK:
             rows = adapters if adapters is not None else [adapter] * batch
             feeds.update(self._bank_feeds(rows, resident))
         else:
@@ -181,7 +178,7 @@ class LoraSession:
     def _batch(self, feeds: dict[str, Any]) -> int:
         """The batch size, from the model inputs (LoRA tensors have no batch dimension)."""
         for k, v in feeds.items():
-            if ".lora_" not in k and k != "adapter_index" and np.ndim(v) >= 1:
+            if not is_lora_input(k) and np.ndim(v) >= 1:
                 return int(np.shape(v)[0])
         raise UserError(f"no model inputs given: feed {', '.join(sorted(self.model_inputs)) or 'the graph inputs'}")
 
@@ -208,7 +205,7 @@ class LoraSession:
                     self._bank_cache.popitem(last=False)
         position = {n: i for i, n in enumerate(names)}
         index = np.array([position[r] if r is not None else NO_ADAPTER for r in rows], dtype=np.int64)
-        return {**cached, "adapter_index": index}
+        return {**cached, ADAPTER_INDEX: index}
 
     def close(self) -> None:
         self.session = None
@@ -228,14 +225,6 @@ def _release(resident: _Resident | None) -> None:
         resident.file.unlink(missing_ok=True)
 
 
-def check_bank_index(index: np.ndarray, num_adapters: int, batch: int | None = None) -> None:
-    """Raw bank feeds: a 1-D integer array, one entry per row, each -1 or a bank slot (ORT would silently
-    zero the branch for an index that matches no slot, or fail inside for a wrong length)."""
-    index = np.asarray(index)
-    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-        raise AdapterError(f"adapter_index must be a 1-D integer array, got {index.dtype} of shape {list(index.shape)}")
-    if batch is not None and index.shape[0] != batch:
-        raise AdapterError(f"adapter_index has {index.shape[0]} entries but the batch has {batch}: one per row")
-    bad = [int(i) for i in index if not (i == NO_ADAPTER or 0 <= i < num_adapters)]
-    if bad:
-        raise AdapterError(f"adapter_index {bad[:5]} out of range: use -1 (no adapter) or 0..{num_adapters - 1}")
+def bank_feeds(adapters: list[Adapter], slots: SlotTable) -> dict[str, np.ndarray]:
+    """The stacked banks for `adapters` (a module-level seam: tests wrap it to race a reload against it)."""
+    return slots.bank_feeds(adapters)

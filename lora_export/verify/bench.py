@@ -15,7 +15,6 @@ modes and backends come from the same minutes of the same machine.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.contract import ADAPTER_INDEX
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
 from lora_export.verify.latency import Candidate, measure, set_threads, thread_settings
@@ -102,12 +102,10 @@ def bench_adapters(
 
 
 def random_bench_adapter(loaded: LoadedModel, seed: int, name: str) -> Adapter:
-    from lora_export.adapters.random import random_adapter
-    from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+    from lora_export.adapters.spec import LoraSpec, default_targets
+    from lora_export.adapters.synthetic import random_adapter
 
-    if loaded.arch not in DEFAULT_TARGETS:
-        raise UserError(f"no default LoRA targets for {loaded.arch!r}: pass --adapter DIR")
-    spec = LoraSpec(r=8, alpha=16, target_modules=DEFAULT_TARGETS[loaded.arch])
+    spec = LoraSpec(r=8, alpha=16, target_modules=default_targets(loaded.arch, "pass --adapter DIR"))
     return random_adapter(loaded.module, spec, seed=seed, name=name)
 
 
@@ -115,8 +113,7 @@ def merged_copy(loaded: LoadedModel, adapter: Adapter) -> LoadedModel:
     """A copy of the model with `adapter` folded into its weights (PyTorch's merged mode)."""
     from lora_export.adapters.inject import merge_adapter
 
-    work = copy.copy(loaded)
-    work.module = copy.deepcopy(loaded.module)
+    work = loaded.copy()
     merge_adapter(work.module, adapter)
     return work
 
@@ -155,15 +152,15 @@ def export_graphs(
 
 
 def _graph_lora_feeds(path: Path, mode: str, adapter: Adapter, bank_adapters: list[Adapter]):
-    from lora_export.runtime.slots import GraphSlots, adapter_feeds, bank_feeds
+    from lora_export.onnxio import read_slots
 
     if mode == "branched":
-        fixed = adapter_feeds(adapter, GraphSlots.from_onnx(path))
+        fixed = read_slots(path).adapter_feeds(adapter)
         return lambda batch: fixed
     if mode == "bank":
-        fixed = bank_feeds(bank_adapters, GraphSlots.from_onnx(path))
+        fixed = read_slots(path).bank_feeds(bank_adapters)
         n = len(bank_adapters)
-        return lambda batch: {**fixed, "adapter_index": np.arange(batch, dtype=np.int64) % n}
+        return lambda batch: {**fixed, ADAPTER_INDEX: np.arange(batch, dtype=np.int64) % n}
     return lambda batch: {}
 
 
@@ -243,7 +240,7 @@ def _load_trt():
 
 
 def _build_engine(onnx_path: Path, batches: list[int], seqs: list[int]) -> Path:
-    """Build an engine whose profile covers the sweep's shapes (issue 5's builder), outside any timing."""
+    """Build an engine whose profile covers the sweep's shapes (`engines.build`), outside any timing."""
     from lora_export.engines.build import BuildOptions, build_engine
 
     b, s = sorted(batches), sorted(seqs)

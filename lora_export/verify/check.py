@@ -22,9 +22,10 @@ import numpy as np
 from lora_export.adapters.adapter import Adapter
 from lora_export.backends.onnxrt import cast_feeds
 from lora_export.backends.torch_runner import TorchRunner
+from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER, SlotTable, precision
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.runtime.slots import GraphSlots, adapter_feeds, bank_feeds
+from lora_export.onnxio import load_onnx_header, slots_of_proto
 from lora_export.verify.parity import ParityReport, adapter_effect, compare_outputs
 
 BACKENDS = ("torch", "ort", "trt")
@@ -33,19 +34,6 @@ DEFAULT_SHAPES = [(2, 16), (3, 7), (1, 23)]  # the export's example shape, then 
 
 def make_feeds(loaded: LoadedModel, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in loaded.make_inputs(batch, seq, seed).items()}
-
-
-def graph_dtype(session) -> str:
-    return "fp16" if any(o.type == "tensor(float16)" for o in session.get_outputs()) else "fp32"
-
-
-def onnx_dtype(path: str | Path) -> str:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return (
-        "fp16" if any(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for o in model.graph.output) else "fp32"
-    )
 
 
 def load_trt_runner_class():
@@ -75,7 +63,7 @@ class TorchSide:
     loaded: LoadedModel
     adapters: list[Adapter]
     label: str = "torch"
-    slots: GraphSlots | None = None
+    slots: SlotTable | None = None
     dtype: str = "fp32"
     runners: list[TorchRunner] = field(default_factory=list)
 
@@ -110,7 +98,7 @@ class GraphSide:
     """An exported graph on ONNX Runtime or TensorRT; the adapters become LoRA feeds per the graph's layout."""
 
     runner: Any
-    slots: GraphSlots
+    slots: SlotTable
     adapters: list[Adapter]
     label: str
     dtype: str = "fp32"
@@ -120,8 +108,8 @@ class GraphSide:
         self.runner.__enter__()
         self.session = getattr(self.runner, "session", None)
         if self.session is not None:
-            self.slots = GraphSlots.from_session(self.session)
-            self.dtype = graph_dtype(self.session)
+            self.slots = SlotTable.from_session(self.session)
+            self.dtype = precision(o.type for o in self.session.get_outputs())  # the outputs' precision
         self.extra = _lora_feeds(self.slots, self.adapters)
         return self
 
@@ -130,18 +118,18 @@ class GraphSide:
 
     def feeds_for(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
         full = {**feeds, **self.extra}
-        if rows is not None and self.slots.layout == "bank":
-            full["adapter_index"] = np.array(rows, dtype=np.int64)
+        if rows is not None and self.slots.layout == BANK:
+            full[ADAPTER_INDEX] = np.array(rows, dtype=np.int64)
         return cast_feeds(self.session, full) if self.session is not None else full
 
     def outputs(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
         return self.runner.infer(self.feeds_for(feeds, rows))
 
 
-def _check_layout(slots: GraphSlots, adapters: list[Adapter]) -> None:
-    if slots.layout == "merged" and len(adapters) > 1:
+def _check_layout(slots: SlotTable, adapters: list[Adapter]) -> None:
+    if slots.layout == MERGED and len(adapters) > 1:
         raise UserError("a merged graph holds one adapter: give at most one --adapter")
-    if slots.layout == "inputs" and len(adapters) > 1:
+    if slots.layout == INPUTS and len(adapters) > 1:
         raise UserError("verify one adapter at a time on an inputs-layout graph (or use a bank graph)")
 
 
@@ -163,15 +151,18 @@ def open_side(
         if onnx_path is None:
             raise UserError("the ort backend needs the graph: pass --onnx PATH")
         return GraphSide(
-            OrtRunner(onnx_path, providers), GraphSlots("merged"), list(adapters), f"ort:{Path(onnx_path).name}"
+            OrtRunner(onnx_path, providers), SlotTable(MERGED), list(adapters), f"ort:{Path(onnx_path).name}"
         )
     if backend == "trt":
         if engine_path is None:
             raise UserError("the trt backend needs an engine: pass --engine PLAN (see build-engine)")
         runner_cls = load_trt_runner_class()
         # an engine's LoRA slots are those of the graph it was built from (give --onnx), else merged
-        slots = GraphSlots.from_onnx(onnx_path) if onnx_path is not None else GraphSlots("merged")
-        dtype = onnx_dtype(onnx_path) if onnx_path is not None else "fp32"
+        slots, dtype = SlotTable(MERGED), "fp32"
+        if onnx_path is not None:
+            header = load_onnx_header(onnx_path)
+            slots = slots_of_proto(header)
+            dtype = precision(o.type.tensor_type.elem_type for o in header.graph.output)  # the outputs' precision
         return GraphSide(runner_cls(engine_path), slots, list(adapters), f"trt:{Path(engine_path).name}", dtype)
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
@@ -232,8 +223,8 @@ def verify_backends(
         graph_sides = [s for s in (ref_side, cand_side) if isinstance(s, GraphSide)]
         for s in graph_sides:
             _check_layout(s.slots, adapters)
-        bank = next((s.slots for s in graph_sides if s.slots.layout == "bank"), None)
-        dtype = "fp16" if any(s.dtype == "fp16" for s in graph_sides) else "fp32"
+        bank = next((s.slots for s in graph_sides if s.slots.layout == BANK), None)
+        dtype = precision(s.dtype for s in graph_sides)
         truth = ref_side if isinstance(ref_side, TorchSide) else None
         if truth is None and adapters and check_effect:
             truth = stack.enter_context(TorchSide(loaded, adapters))
@@ -294,21 +285,21 @@ def verify_graph(
     )
 
 
-def _lora_feeds(slots: GraphSlots, adapters: list[Adapter]) -> dict[str, np.ndarray]:
-    if slots.layout == "inputs" and adapters:
-        return adapter_feeds(adapters[0], slots)
-    if slots.layout == "bank":
-        return bank_feeds(adapters, slots)
+def _lora_feeds(slots: SlotTable, adapters: list[Adapter]) -> dict[str, np.ndarray]:
+    if slots.layout == INPUTS and adapters:
+        return slots.adapter_feeds(adapters[0])
+    if slots.layout == BANK:
+        return slots.bank_feeds(adapters)
     return {}
 
 
-def _row_assignment(bank: GraphSlots | None, adapters: list[Adapter], batch: int) -> list[int] | None:
-    """Bank graphs: row i uses adapter i mod (N+1), where N means "no adapter" (-1); with two or more rows the
-    last row is always "no adapter", so the base rows are checked whatever the number of adapters."""
+def _row_assignment(bank: SlotTable | None, adapters: list[Adapter], batch: int) -> list[int] | None:
+    """Bank graphs: row i uses adapter i mod (N+1), where N means "no adapter" (`NO_ADAPTER`); with two or more
+    rows the last row is always "no adapter", so the base rows are checked whatever the number of adapters."""
     if bank is None:
         return None
     n = len(adapters)
-    rows = [(i % (n + 1)) if (i % (n + 1)) < n else -1 for i in range(batch)]
+    rows = [(i % (n + 1)) if (i % (n + 1)) < n else NO_ADAPTER for i in range(batch)]
     if batch >= 2:
-        rows[-1] = -1
+        rows[-1] = NO_ADAPTER
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_export.fileio import atomic_path
 from lora_export.verify.report import BenchReport
 
 
@@ -46,7 +47,8 @@ def plot_latency(report: BenchReport, out: str | Path, *, title: str | None = No
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png", dpi=110)
+        with atomic_path(out, suffix=".png") as tmp:  # no partial PNG if saving fails
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
     return series

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.fileio import manifest_path, read_json
+from lora_export.contract import BANK
+from lora_export.onnxio import load_onnx_header, proto_dims, read_manifest, slots_of_proto
 
 
 def inspect_adapter(adapter: Adapter, base_parameters: int | None = None) -> dict[str, Any]:
@@ -61,11 +62,8 @@ def inspect_model(module, arch: str, source: str, default_targets: list[str] | N
 
 
 def inspect_onnx(path: str | Path) -> dict[str, Any]:
-
-    from lora_export.runtime.slots import GraphSlots
-
     model = load_onnx_header(path)
-    slots = GraphSlots.from_onnx(path)
+    slots = slots_of_proto(model)
     ops: dict[str, int] = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
@@ -80,30 +78,15 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         "nodes": len(model.graph.node),
         "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         "initializer_parameters": init_params,
-        "lora_modules": len(slots.modules),
-        "table": [{"module": s.path, "in": s.in_features, "out": s.out_features} for s in slots.modules.values()],
+        "lora_modules": len(slots.slots),
+        "table": [{"module": s.path, "in": s.in_features, "out": s.out_features} for s in slots.slots.values()],
     }
-    if slots.layout == "bank":
+    if slots.layout == BANK:
         info["max_rank"] = slots.max_rank
-    mp = manifest_path(path)
-    if mp.exists():
-        info["manifest"] = read_json(mp)
+    manifest = read_manifest(path)
+    if manifest is not None:
+        info["manifest"] = manifest.to_dict()
     return info
-
-
-def load_onnx_header(path: str | Path):
-    """The graph without external weights; a missing or corrupt file is a one-line user error."""
-    import onnx
-
-    from lora_export.errors import UserError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf DecodeError and friends
-        raise UserError(f"cannot read {path} as ONNX ({type(e).__name__}): is it a complete .onnx file?") from None
 
 
 def _numel(dims) -> int:
@@ -120,5 +103,5 @@ def _io(v) -> dict[str, Any]:
     return {
         "name": v.name,
         "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(),
-        "shape": [d.dim_param or d.dim_value for d in t.shape.dim],
+        "shape": proto_dims(v),
     }

@@ -1,0 +1,79 @@
+"""Reading graphs without running them: headers, LoRA slots, I/O entries, and the graph manifest beside them.
+
+Low in the package (below export/, passes/, engines/, runtime/, verify/): it imports only the contract, the
+error and file helpers, and `onnx` / `onnx_ir` lazily, so the serving runtime can use it without the
+export stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lora_export.contract import GraphManifest, SlotTable
+from lora_export.errors import UserError
+from lora_export.fileio import manifest_path, read_json, write_json
+
+# Weights above this many bytes go to a side file: protobuf cannot hold a message over 2 GB.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+
+def load_onnx_header(path: str | Path):
+    """The graph without external weights; a missing or corrupt file is a one-line user error."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf DecodeError and friends
+        raise UserError(f"cannot read {path} as ONNX ({type(e).__name__}): is it a complete .onnx file?") from None
+
+
+def proto_dims(value_info) -> list:
+    """Dims of an `onnx.ValueInfoProto`: ints, dim labels, or 0 where the dim is unknown."""
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def slots_of_proto(model) -> SlotTable:
+    """The LoRA slots of an `onnx.ModelProto`."""
+    return SlotTable.from_inputs((i.name, proto_dims(i), i.type.tensor_type.elem_type) for i in model.graph.input)
+
+
+def read_slots(path: str | Path) -> SlotTable:
+    """The LoRA slots of the graph at `path` (its header only)."""
+    return slots_of_proto(load_onnx_header(path))
+
+
+def ir_dims(value) -> list:
+    """Dims of an `onnx_ir.Value`: ints and dim labels (empty when the shape is unknown)."""
+    return [] if value.shape is None else [d if isinstance(d, int) else str(d.value) for d in value.shape]
+
+
+def slots_of_ir(model) -> SlotTable:
+    """The LoRA slots of an `onnx_ir.Model`."""
+    return SlotTable.from_inputs((v.name, ir_dims(v), v.dtype) for v in model.graph.inputs if v.dtype is not None)
+
+
+def value_info(value) -> dict[str, Any]:
+    """A manifest I/O entry for an `onnx_ir.Value`: name, dtype (`float`, `float16`, `int64`...), shape."""
+    dtype = value.dtype.name.lower() if value.dtype is not None else "unknown"
+    return {"name": value.name, "dtype": dtype, "shape": ir_dims(value)}
+
+
+def graph_io(model) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inputs, outputs) of an `onnx_ir.Model` as manifest entries."""
+    return [value_info(v) for v in model.graph.inputs], [value_info(v) for v in model.graph.outputs]
+
+
+def read_manifest(graph: str | Path) -> GraphManifest | None:
+    """The manifest beside `graph` (`graph.json`), or None when there is none."""
+    path = manifest_path(graph)
+    return GraphManifest.from_dict(read_json(path)) if path.is_file() else None
+
+
+def write_manifest(graph: str | Path, manifest: GraphManifest) -> Path:
+    path = manifest_path(graph)
+    write_json(path, manifest.to_dict())
+    return path
