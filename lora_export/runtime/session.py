@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.pack import packed_tensors, write_packed
+from lora_export.adapters.pack import write_packed
 from lora_export.adapters.peft_io import read_adapter
 from lora_export.backends.onnxrt import feedable_names, open_session
 from lora_export.contract import (
@@ -37,6 +37,7 @@ from lora_export.contract import (
     is_lora_input,
 )
 from lora_export.errors import UserError
+from lora_export.onnxio import InitializerReader
 
 _BANK_CACHE = 16
 
@@ -61,7 +62,7 @@ class LoraSession:
     ):
         self.path = Path(graph)
         self.session = open_session(self.path, providers, threads)
-        self.slots = SlotTable.from_session(self.session)
+        self.slots = SlotTable.from_session(self.session, InitializerReader(self.path))
         if self.slots.layout == MERGED:
             raise UserError(f"{self.path} has no LoRA inputs: open a graph made by export-branched")
         self.input_names = set(feedable_names(self.session))
@@ -98,7 +99,7 @@ class LoraSession:
     def _prepare_inputs(self, resident: _Resident) -> None:
         import onnxruntime as ort
 
-        tensors = packed_tensors(resident.adapter, self.slots.dtype)
+        tensors = self.slots.adapter_feeds(resident.adapter)  # A/B, DoRA scales, modules_to_save, in the graph dtype
         if self._use_ort_adapters:
             try:
                 path = Path(self._tmp.name) / f"{resident.generation}.onnx_adapter"
