@@ -163,7 +163,6 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
     """What `target` is and holds: a graph (`.onnx`), an adapter (PEFT dir or adapter file; `base_model` adds
     the trainable fraction), or a model (its LoRA-capable layers and default targets)."""
     from lora_export import inspection
-    from lora_export.adapters.spec import DEFAULT_TARGETS
 
     path = Path(target)
     text = str(target)
@@ -173,7 +172,7 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
         base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
     loaded = as_model(text)
-    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
+    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch))
 
 
 def make_adapter(
@@ -299,3 +298,10 @@ def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progr
         report = verify_graph(loaded, result.path, [adapter])
     params = sum(p.numel() for p in loaded.module.parameters())
     return DemoResult(adapter, result, report, params)
+
+
+def _defaults_or_none(arch: str) -> list[str] | None:
+    try:
+        return default_targets(arch)
+    except UserError:
+        return None

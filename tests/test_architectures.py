@@ -1,16 +1,19 @@
 """Every supported transformers architecture, merged and branched, against PEFT (tiny configs, all-linear LoRA).
 
-Per architecture one export pair: a merged graph and a branched graph with the same `target_modules="all-linear"`
+Per architecture one export pair: a merged graph and a branched graph with a `target_modules="all-linear"`
 adapter (B non-zero). Encoders export merged with a sequence-classification head and branched with a
-token-classification head; ViT merged bare and branched with its image-classification head.
+token-classification head; ViT merged bare and branched with its image-classification head. BERT and RoBERTa
+take PEFT's `task_type="SEQ_CLS"` adapters, whose new heads come through `modules_to_save`: two adapters with
+different heads (and one without) swap on one branched graph, and mix per row on a bank.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from arch_zoo import ARCHS, build
-from peft_oracle import build_peft, peft_forward, save_adapter
+from peft_oracle import add_peft_adapter, build_peft, fill_lora, peft_forward, save_adapter
 
 from lora_export.adapters import read_adapter
 from lora_export.backends.onnxrt import OrtRunner
@@ -24,19 +27,33 @@ from lora_export.verify.check import make_feeds
 DECODERS = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "opt"]
 ENCODERS = ["bert", "roberta", "distilbert", "xlm-roberta", "deberta-v2"]
 ONE_LAYER = {"gpt2": {"n_layer": 1}, "distilbert": {"n_layers": 1}, "gemma2": {}}  # gemma2: sliding + global layer
-HEADS = {a: ("seq-cls", "token-cls") for a in ENCODERS} | {"vit": (None, "image-cls")}
+SEQ_CLS = ("bert", "roberta")  # PEFT task_type="SEQ_CLS": LoRA plus the new head through modules_to_save
+HEADS = {a: ("seq-cls", "token-cls") for a in ENCODERS} | {a: ("seq-cls", "seq-cls") for a in SEQ_CLS}
+HEADS["vit"] = (None, "image-cls")
 
 
 def _layers(arch):
     return ONE_LAYER.get(arch, {"num_hidden_layers": 1})
 
 
-def _peft_cfg(arch):
-    return dict(r=4, lora_alpha=8, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+def _peft_cfg(arch, **kw):
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", fan_in_fan_out=arch == "gpt2")
+    if arch in SEQ_CLS:
+        cfg["task_type"] = "SEQ_CLS"  # all-linear leaves the head out; modules_to_save=["classifier", "score"]
+    return {**cfg, **kw}
+
+
+def _new_head(pm, seed):
+    """PEFT copies the head into modules_to_save unchanged: give each adapter its own trained-looking head."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in pm.named_parameters():
+        if f"modules_to_save.{pm.active_adapter}." in name:
+            p.data = p.data + torch.randn(p.shape, generator=g) * 0.2
 
 
 class _Exports:
-    """Per (arch, head): the model, its PEFT twin with one all-linear adapter, and one graph (built lazily)."""
+    """Per (arch, head, layout): the model, its PEFT twin with all-linear adapter x (SEQ_CLS archs: also y, a
+    query/value adapter with another head, and z, plain LoRA without a head), and one graph built lazily."""
 
     def __init__(self, root):
         self.root, self.cache = root, {}
@@ -45,21 +62,42 @@ class _Exports:
         key = (arch, head, layout)
         if key not in self.cache:
             loaded = build(arch, head, **_layers(arch))
-            pm = build_peft(loaded, seed=len(self.cache), **_peft_cfg(arch))
+            pm = build_peft(loaded, seed=len(self.cache), adapter_name="x", **_peft_cfg(arch))
+            names = ["x"]
+            if arch in SEQ_CLS:
+                _new_head(pm, 1)
+                add_peft_adapter(pm, "y", 7, **_peft_cfg(arch, r=8, target_modules=["query", "value"]))
+                pm.set_adapter("y")
+                _new_head(pm, 2)
+                add_peft_adapter(
+                    pm, "z", 8, r=2, lora_alpha=4, target_modules=["key", "intermediate.dense", "output.dense"]
+                )
+                fill_lora(pm, 9, "z", b_std=1.0)  # strong enough to move the small untrained base head
+                names += ["y", "z"]
             tag = f"{arch}_{head}_{layout}"
-            adapter_dir = save_adapter(pm, self.root / f"{tag}_adapter")
-            adapter = read_adapter(adapter_dir)
+            dirs = {n: save_adapter(pm, self.root / f"{tag}_adapters", n) for n in names}
+            adapters = [read_adapter(dirs[n], name=n) for n in names]
             if layout == "merged":
-                path = export_merged(loaded, adapter, self.root / f"{tag}.onnx").path
+                path = export_merged(loaded, adapters[0], self.root / f"{tag}.onnx").path
             else:
-                path = export_branched(loaded, self.root / f"{tag}.onnx", adapters=[adapter]).path
-            self.cache[key] = dict(loaded=loaded, pm=pm, dir=adapter_dir, adapter=adapter, path=path)
+                graph_adapters = adapters if layout == "bank" else adapters[:2]
+                path = export_branched(loaded, self.root / f"{tag}.onnx", adapters=graph_adapters, layout=layout).path
+            self.cache[key] = dict(loaded=loaded, pm=pm, dirs=dirs, adapters=adapters, path=path)
         return self.cache[key]
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     return _Exports(tmp_path_factory.mktemp("archs"))
+
+
+def _peft(s, feeds, adapter):
+    pm = s["pm"]
+    if adapter is None:
+        with pm.disable_adapter():
+            return peft_forward(pm, s["loaded"], feeds)
+    pm.set_adapter(adapter)
+    return peft_forward(pm, s["loaded"], feeds)
 
 
 def _close(got, ref, atol=1e-4):
@@ -79,35 +117,75 @@ def _heads(arch):
 @pytest.mark.parametrize("arch", DECODERS + ENCODERS + ["vit"])
 def test_merged_graph_matches_peft(exports, arch):
     s = exports.get(arch, _heads(arch)[0], "merged")
-    loaded, pm = s["loaded"], s["pm"]
+    loaded = s["loaded"]
     with OrtRunner(s["path"]) as runner:
         for batch, seq, seed in [(2, 16, 0), (3, 9, 1)]:
             feeds = make_feeds(loaded, batch, seq, seed)
-            ref = peft_forward(pm, loaded, feeds)
+            ref = _peft(s, feeds, "x")
             _close(runner.infer(feeds), ref)
-    with pm.disable_adapter():
-        assert _effect(peft_forward(pm, loaded, feeds), ref) > 1e-3  # the adapter moves the outputs
+    assert _effect(_peft(s, feeds, None), ref) > 1e-3  # the adapter moves the outputs
 
 
 @pytest.mark.parametrize("arch", DECODERS + ENCODERS + ["vit"])
 def test_branched_graph_matches_peft_and_no_adapter_is_base(exports, arch):
     s = exports.get(arch, _heads(arch)[1], "inputs")
-    loaded, pm = s["loaded"], s["pm"]
+    loaded = s["loaded"]
     with LoraSession(s["path"]) as sess:
-        sess.load_adapter("x", s["dir"])
+        for name, d in s["dirs"].items():
+            sess.load_adapter(name, d)
         for batch, seq, seed in [(2, 16, 2), (1, 23, 3)]:
             feeds = make_feeds(loaded, batch, seq, seed)
-            ref = peft_forward(pm, loaded, feeds)
-            _close(sess.run(feeds, adapter="x"), ref)
-            with pm.disable_adapter():
-                base = peft_forward(pm, loaded, feeds)
+            base = _peft(s, feeds, None)
             _close(sess.run(feeds), base)
-            assert _effect(base, ref) > 1e-3
+            for name in s["dirs"]:  # SEQ_CLS: x and y bring their own heads, z none: swapped on one graph
+                ref = _peft(s, feeds, name)
+                _close(sess.run(feeds, adapter=name), ref)
+                assert _effect(base, ref) > 1e-3
+
+
+def test_classification_adapters_with_different_heads_mix_per_row_on_a_bank(exports):
+    s = exports.get("bert", "seq-cls", "bank")
+    rows = ["x", "y", None, "z", "y", "x"]
+    feeds = make_feeds(s["loaded"], len(rows), 11, 4)
+    with LoraSession(s["path"]) as sess:
+        for name, d in s["dirs"].items():
+            sess.load_adapter(name, d)
+        got = sess.run(feeds, adapters=rows)
+    for i, name in enumerate(rows):
+        np.testing.assert_allclose(got["logits"][i], _peft(s, feeds, name)["logits"][i], atol=1e-4, rtol=1e-4)
+    heads = {name: _peft(s, feeds, name)["logits"] for name in ("x", "y")}
+    assert _effect(heads["x"][:1], heads["y"][:1]) > 1e-2  # the two heads really differ
+
+
+def test_classification_head_packs_into_an_onnx_adapter_for_plain_onnxruntime(exports, tmp_path):
+    import onnxruntime as ort
+
+    from lora_export.adapters.pack import pack_adapter
+    from lora_export.contract import saved_name
+
+    s = exports.get("roberta", "seq-cls", "inputs")
+    packed = pack_adapter(s["adapters"][1], tmp_path / "y.onnx_adapter", graph=s["path"])
+    params = ort.AdapterFormat.read_adapter(str(packed)).get_parameters()
+    assert saved_name("classifier", "out_proj.weight") in params and saved_name("classifier", "dense.bias") in params
+    session = ort.InferenceSession(str(s["path"]), providers=["CPUExecutionProvider"])
+    lora = ort.LoraAdapter()
+    lora.Load(str(packed))
+    options = ort.RunOptions()
+    options.add_active_adapter(lora)
+    feeds = make_feeds(s["loaded"], 2, 9, 6)
+    (logits,) = session.run(["logits"], feeds, options)
+    np.testing.assert_allclose(logits, _peft(s, feeds, "y")["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_merged_classification_head_is_the_adapters(exports):
+    s = exports.get("bert", "seq-cls", "merged")
+    assert sorted(s["adapters"][0].saved) == ["classifier"]  # SEQ_CLS saves the head through modules_to_save
 
 
 def test_all_linear_excludes_the_output_layer_as_peft_does(exports):
     s = exports.get("llama", None, "merged")
-    assert "lm_head" not in s["adapter"].modules and "model.layers.0.mlp.down_proj" in s["adapter"].modules
+    adapter = s["adapters"][0]
+    assert "lm_head" not in adapter.modules and "model.layers.0.mlp.down_proj" in adapter.modules
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -180,7 +258,7 @@ def test_all_linear_targets_are_the_modules_peft_adapts(arch, head):
     from lora_export.adapters.spec import LoraSpec
 
     loaded = build(arch, head, **_layers(arch))
-    pm = build_peft(loaded, **_peft_cfg(arch))
+    pm = build_peft(loaded, **_peft_cfg(arch, task_type=None))  # no task type: PEFT keeps the head in all-linear
     peft_paths = {
         n.removeprefix("base_model.model.")[: -len(".lora_A")] for n, _ in pm.named_modules() if n.endswith(".lora_A")
     }

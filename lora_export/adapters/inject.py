@@ -24,7 +24,7 @@ from lora_export.adapters.saved import (
     saved_modules,
     wrap_saved,
 )
-from lora_export.adapters.spec import LoraSpec
+from lora_export.adapters.spec import LoraSpec, is_all_linear
 from lora_export.errors import AdapterError
 
 
@@ -42,15 +42,6 @@ def clean_path(name: str) -> str:
     """`a.base_layer.b.base_layer` -> `a.b`: a module path without our wrappers' `base_layer` hops."""
     name = name.replace(".base_layer.", ".")
     return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-
-
-ALL_LINEAR = "all-linear"
-
-
-def is_all_linear(targets: list[str] | str) -> bool:
-    """PEFT's `target_modules="all-linear"` shorthand (also as the only item of a list, as `--targets` gives it)."""
-    items = [targets] if isinstance(targets, str) else list(targets)
-    return len(items) == 1 and isinstance(items[0], str) and items[0].lower() == ALL_LINEAR
 
 
 def output_layer_path(model: nn.Module) -> str | None:
@@ -97,9 +88,9 @@ def check_fits(model: nn.Module, adapter: Adapter) -> None:
             f"adapter {adapter.name} targets {len(missing)} module(s) the model lacks: {'; '.join(hints)}{more}. "
             "Is it an adapter for this base model?"
         )
+    check_saved_fits(modules, adapter)  # first: a resized vocabulary explains the LoRA shapes that follow
     for path, lora in sorted(adapter.modules.items()):
         check_module_fits(path, modules[path], lora)
-    check_saved_fits(modules, adapter)
 
 
 def check_module_fits(path: str, module: nn.Module, lora: ModuleLora) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lora_export.adapters.adapter import Adapter, ModuleLora
-from lora_export.adapters.spec import LoraSpec, lora_scaling
+from lora_export.adapters.spec import LoraSpec, is_all_linear, lora_scaling
 from lora_export.contract import (
     PEFT_KEY_HINT,
     PEFT_PREFIX,
@@ -364,7 +364,7 @@ def write_peft_adapter(adapter: Adapter, out_dir: str | Path, *, base_model: str
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "use_rslora": spec.use_rslora,
-        "target_modules": spec.target_modules,
+        "target_modules": sorted(adapter.modules) if is_all_linear(spec.target_modules) else spec.target_modules,
         "rank_pattern": spec.rank_pattern,
         "alpha_pattern": spec.alpha_pattern,
         "fan_in_fan_out": spec.fan_in_fan_out,

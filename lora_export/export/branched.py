@@ -29,7 +29,7 @@ import torch
 
 from lora_export import contract
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.inject import attach_feed, check_fits, find_targets, unwrap
+from lora_export.adapters.inject import attach_feed, check_fits, clean_path, find_targets, unwrap
 from lora_export.adapters.layer import BranchFeed, is_conv1d, layer_dims, stores_in_out
 from lora_export.adapters.saved import base_layers_changed, wrap_saved
 from lora_export.adapters.spec import LoraSpec, default_targets
@@ -119,6 +119,14 @@ def lora_slots(loaded: LoadedModel, paths: list[str], layout: str = INPUTS, dora
             )
         )
     return slots
+
+
+def _initializer_of(module: torch.nn.Module, path: str, model) -> str | None:
+    """The graph initializer holding module `path`'s base weight: `P.weight`, or the name the exporter kept for a
+    weight tied to another layer (GPT-2's `wte` is saved as `lm_head.weight`)."""
+    weight = unwrap(module)[path].weight
+    names = [clean_path(n) for n, p in module.named_parameters(remove_duplicate=False) if p is weight]
+    return next((n for n in [f"{path}.weight", *names] if n in model.graph.initializers), None)
 
 
 def saved_params(loaded: LoadedModel, adapters: list[Adapter], names: list[str] | None) -> list[SavedParam]:
@@ -273,7 +281,7 @@ def export_branched(
     for path, module in wrap_saved(work.module, sorted({sp.module for sp in saved})).items():
         module.feed, module.names = feed, [sp.param for sp in saved if sp.module == path]
     model = trace_mod.trace(work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype)
-    slots = [s if s.weight in model.graph.initializers else replace(s, weight=None) for s in slots]
+    slots = [replace(s, weight=_initializer_of(work.module, s.path, model)) for s in slots]
     model.metadata_props[SLOTS_METADATA] = json.dumps({s.path: s.metadata() for s in slots}, sort_keys=True)
     table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype, {sp.base_name: sp for sp in saved})
     manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
