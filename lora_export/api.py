@@ -172,7 +172,9 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
         base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
     loaded = as_model(text)
-    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch))
+    return inspection.inspect_model(
+        loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch, loaded.module)
+    )
 
 
 def make_adapter(
@@ -191,7 +193,7 @@ def make_adapter(
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if not targets:
-        targets = default_targets(loaded.arch)
+        targets = default_targets(loaded.arch, module=loaded.module)
     spec = LoraSpec(
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets if isinstance(targets, str) else list(targets)
     )
@@ -300,8 +302,8 @@ def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progr
     return DemoResult(adapter, result, report, params)
 
 
-def _defaults_or_none(arch: str) -> list[str] | None:
+def _defaults_or_none(arch: str, module=None) -> list[str] | None:
     try:
-        return default_targets(arch)
+        return default_targets(arch, module=module)
     except UserError:
         return None

@@ -23,8 +23,9 @@ Names (for each adapted module at path `P`, as the transformers model names it, 
   `[num_adapters, *shape]`, the base values kept as the initializer `M.p` for rows without an adapter.
 - adapter files (`.onnx_adapter`, `.safetensors`, `.npz`) hold the `inputs`-layout tensors, with or
   without a leading `base_model.model.` on the names.
-- graphs record per-slot facts the inputs cannot show (layer kind, the base weight's name and layout, which
-  DoRA needs) as JSON in the model metadata entry `SLOTS_METADATA`.
+- graphs with DoRA or embedding slots record per-slot facts the inputs cannot show (layer kind, the base
+  weight's initializer name and layout, which DoRA's norm needs) as JSON in the model metadata entry
+  `SLOTS_METADATA`.
 
 Decoder folders also follow Optimum / ONNX Runtime GenAI I/O names, kept here for the same reason:
 `past_key_values.{i}.key|value` in, `present.{i}.key|value` out.
@@ -659,6 +660,10 @@ class GraphManifest:
             return
         self.layout = table.layout
         self.lora_modules = [s.to_dict() for s in table.slots.values()]
+        if table.saved:  # modules_to_save parameters the graph takes
+            self.extra[SAVED] = [
+                {"module": p.module, "param": p.param, "shape": list(p.shape)} for p in table.saved.values()
+            ]
         self.max_rank = table.max_rank if table.layout == BANK else None
         self.no_adapter_index = NO_ADAPTER if table.layout == BANK else None
 

@@ -266,3 +266,18 @@ def test_unsupported_config_fields_are_refused_in_one_line(llama, tmp_path, fiel
     with pytest.raises(AdapterError) as e:
         read_adapter(bad)
     _one_line(e, f"{field}=", "is not supported", f"only {supported}")
+
+
+def test_dora_on_conv2d_merged_matches_peft(sample_cache, tmp_path):
+    loaded = sample_cache("convnet")
+    pm = build_peft(loaded, seed=7, r=4, lora_alpha=8, target_modules=["conv1", "conv2", "head"], use_dora=True)
+    _new_magnitudes(pm, "default", 8)
+    adapter = read_adapter(save_adapter(pm, tmp_path / "conv"))
+    path = export_merged(loaded, adapter, tmp_path / "conv.onnx").path
+    feeds = make_feeds(loaded, 2, 16, 0)
+    with OrtRunner(path) as runner:
+        got = runner.infer(feeds)
+    ref = peft_forward(pm, loaded, feeds)
+    _close(got, ref)
+    with pm.disable_adapter():
+        assert _effect(peft_forward(pm, loaded, feeds), ref) > 1e-2

@@ -264,3 +264,45 @@ def test_all_linear_targets_are_the_modules_peft_adapts(arch, head):
     }
     ours = set(find_targets(loaded.module, LoraSpec(target_modules=["all-linear"])))
     assert ours == peft_paths and len(ours) >= 4
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_default_targets_are_peft_defaults_and_exist_in_the_model(arch):
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+
+    from lora_export.adapters.inject import find_targets
+    from lora_export.adapters.spec import LoraSpec, default_targets
+
+    module = build(arch, **_layers(arch)).module
+    targets = default_targets(arch, module=module)
+    if peft_defaults.get(arch):
+        assert targets == list(peft_defaults[arch])
+    found = find_targets(module, LoraSpec(target_modules=targets))
+    assert {p.rsplit(".", 1)[-1] for p in found} == set(targets)
+
+
+def test_seq_cls_fine_tune_from_local_directories_through_the_cli(tmp_path):
+    """The usual text-classification fine-tune, as a user runs it: a saved RoBERTa classifier and a PEFT
+    SEQ_CLS adapter (LoRA + the new head through modules_to_save) -> merge-and-export, verified."""
+    from cli_helpers import run
+
+    loaded = build("roberta", "seq-cls", **_layers("roberta"))
+    loaded.module.save_pretrained(tmp_path / "model")
+    pm = build_peft(loaded, seed=3, **_peft_cfg("roberta", target_modules=["query", "value"]))
+    _new_head(pm, 4)
+    adapter = save_adapter(pm, tmp_path / "adapter")
+    result = run("merge-and-export", tmp_path / "model", "--adapter", adapter, "-o", tmp_path / "m.onnx")
+    assert "verified" in result.output
+    feeds = make_feeds(loaded, 2, 8, 0)
+    with OrtRunner(tmp_path / "m.onnx") as runner:
+        _close(runner.infer(feeds), peft_forward(pm, loaded, feeds))
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen3", "gemma"])
+def test_local_directories_of_newer_decoders_load(tmp_path, arch):
+    """These were refused with "no input recipe"; their I/O now comes from the model."""
+    from lora_export.models import load_model
+
+    build(arch, **_layers(arch)).module.save_pretrained(tmp_path / arch)
+    loaded = load_model(str(tmp_path / arch))
+    assert loaded.input_names == ["input_ids", "attention_mask"] and loaded.output_names == ["logits"]

@@ -22,8 +22,9 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "opt": ["q_proj", "v_proj"],
     "phi3": ["qkv_proj"],  # fused q/k/v
     "distilbert": ["q_lin", "v_lin"],
-    "vit": ["query", "value"],
 }
+# Otherwise the first of these whose layers the model has (the query/value projections under their usual names).
+COMMON_TARGETS = (["q_proj", "v_proj"], ["query", "value"], ["q_lin", "v_lin"], ["qkv_proj"], ["c_attn"])
 
 
 def peft_default_targets() -> dict[str, list[str]]:
@@ -35,10 +36,14 @@ def peft_default_targets() -> dict[str, list[str]]:
     return {k: list(v) for k, v in mapping.items() if v}
 
 
-def default_targets(arch: str, fix: str = "pass --targets NAMES") -> list[str]:
-    """The architecture's default target modules (PEFT's, else ours); for an architecture without defaults, a
-    one-line error that ends with `fix` (what the caller's user can pass instead)."""
+def default_targets(arch: str, fix: str = "pass --targets NAMES", module=None) -> list[str]:
+    """The architecture's default target modules: PEFT's, else ours, else (given the model `module`) the first
+    common query/value naming its layers use. For none, a one-line error that ends with `fix` (what the
+    caller's user can pass instead)."""
     targets = peft_default_targets().get(arch) or DEFAULT_TARGETS.get(arch)
+    if not targets and module is not None:
+        leaves = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if type(m).__name__ == "Linear"}
+        targets = next((t for t in COMMON_TARGETS if set(t) <= leaves), None)
     if not targets:
         raise UserError(f"no default LoRA targets for {arch!r}: {fix}")
     return list(targets)

@@ -22,7 +22,7 @@ default (bank: `[N, *shape]`, rows gathered per adapter, -1 = the base value).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -86,7 +86,7 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
                 )
         return sorted({p for a in adapters for p in a.modules})
     if targets is None:
-        targets = default_targets(loaded.arch, "pass --adapter DIR or --targets NAMES")
+        targets = default_targets(loaded.arch, "pass --adapter DIR or --targets NAMES", loaded.module)
     paths = sorted(find_targets(loaded.module, LoraSpec(target_modules=targets)))
     modules = unwrap(loaded.module)
     convs = [p for p in paths if isinstance(modules[p], torch.nn.Conv2d)]
@@ -237,26 +237,45 @@ def _bank_layout(slots: list[Slot], max_rank: int, batch: int, dtype: torch.dtyp
     return extra
 
 
-def export_branched(
+@dataclass
+class Wiring:
+    """A branched layout, ready to trace: the extra graph inputs, the modules they feed, the slot table."""
+
+    extra: list[trace_mod.ExtraInput]
+    paths: list[str]
+    table: SlotTable
+
+    def attach(self, module: torch.nn.Module, feed: BranchFeed) -> None:
+        """Route `module`'s LoRA branches and `modules_to_save` parameters through `feed` (the graph inputs)."""
+        attach_feed(module, self.paths, feed)
+        saved = list(self.table.saved.values())
+        for path, wrapper in wrap_saved(module, sorted({sp.module for sp in saved})).items():
+            wrapper.feed, wrapper.names = feed, [sp.param for sp in saved if sp.module == path]
+
+    def finish(self, module: torch.nn.Module, model) -> None:
+        """After the trace: find each slot's base-weight initializer and record what DoRA scales and embedding
+        checks need (`SLOTS_METADATA`) in graphs that have such slots."""
+        slots = [replace(s, weight=_initializer_of(module, s.path, model)) for s in self.table.slots.values()]
+        self.table.slots = {s.path: s for s in slots}
+        if any(s.dora or s.kind == EMBEDDING for s in slots):
+            model.metadata_props[SLOTS_METADATA] = json.dumps({s.path: s.metadata() for s in slots}, sort_keys=True)
+
+
+def lora_wiring(
     loaded: LoadedModel,
-    out: str | Path,
+    adapters: list[Adapter],
+    targets: list[str] | str | None,
+    layout: str,
+    max_rank: int | None,
+    dtype: str,
+    batch: int,
     *,
-    adapters: list[Adapter] = (),
-    targets: list[str] | str | None = None,
-    layout: str = INPUTS,
-    max_rank: int | None = None,
-    opset: int | None = None,
-    dtype: str = "fp32",
-    force: bool = False,
-    batch: int = 2,
-    seq: int = 16,
     dora: bool = False,
     saved_modules: list[str] | None = None,
-) -> ExportResult:
-    """Export `loaded` with LoRA inputs (module path -> slot). `dora` adds DoRA scale inputs (automatic when an
-    adapter uses DoRA); `saved_modules` names modules_to_save modules to expose besides the adapters' own."""
-    out = check_output_path(out, force)
-    adapters = list(adapters)
+) -> Wiring:
+    """The LoRA inputs of a branched layout (`inputs` or `bank`) for `loaded` (shared by every branched export).
+    `dora` adds DoRA scale inputs (automatic when an adapter uses DoRA); `saved_modules` names modules_to_save
+    modules to expose besides the adapters' own."""
     paths = resolve_targets(loaded, adapters, targets)
     dora = dora or any(a.is_dora for a in adapters)
     slots = lora_slots(loaded, paths, layout, dora)
@@ -275,16 +294,40 @@ def export_branched(
     if dora:
         extra += _dora_layout(slots, layout, torch_dtype)
     extra += _saved_layout(loaded, saved, layout, torch_dtype)
+    table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype, {sp.base_name: sp for sp in saved})
+    return Wiring(extra, paths, table)
+
+
+def export_branched(
+    loaded: LoadedModel,
+    out: str | Path,
+    *,
+    adapters: list[Adapter] = (),
+    targets: list[str] | str | None = None,
+    layout: str = INPUTS,
+    max_rank: int | None = None,
+    opset: int | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    batch: int = 2,
+    seq: int = 16,
+    dora: bool = False,
+    saved_modules: list[str] | None = None,
+) -> ExportResult:
+    out = check_output_path(out, force)
+    adapters = list(adapters)
+    wiring = lora_wiring(
+        loaded, adapters, targets, layout, max_rank, dtype, batch, dora=dora, saved_modules=saved_modules
+    )
+    torch_dtype = contract.torch_dtype(dtype)
     work = loaded.copy(dtype=torch_dtype)
     feed = BranchFeed(layout)
-    attach_feed(work.module, paths, feed)
-    for path, module in wrap_saved(work.module, sorted({sp.module for sp in saved})).items():
-        module.feed, module.names = feed, [sp.param for sp in saved if sp.module == path]
-    model = trace_mod.trace(work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype)
-    slots = [replace(s, weight=_initializer_of(work.module, s.path, model)) for s in slots]
-    model.metadata_props[SLOTS_METADATA] = json.dumps({s.path: s.metadata() for s in slots}, sort_keys=True)
-    table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype, {sp.base_name: sp for sp in saved})
-    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
+    wiring.attach(work.module, feed)
+    model = trace_mod.trace(
+        work, extra=wiring.extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype
+    )
+    wiring.finish(work.module, model)
+    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=wiring.table)
     files = trace_mod.save(model, out)
     write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)
