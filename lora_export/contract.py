@@ -342,8 +342,6 @@ class Slot:
             d["rank_dim"] = self.rank_dim
         if self.dora:
             d["dora"] = True
-        if self.kind != LINEAR:
-            d["kind"] = self.kind
         return d
 
     def metadata(self) -> dict[str, Any]:
@@ -352,9 +350,7 @@ class Slot:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Slot:
-        return cls(
-            d["path"], int(d["in"]), int(d["out"]), d.get("rank_dim"), bool(d.get("dora")), d.get("kind", LINEAR)
-        )
+        return cls(d["path"], int(d["in"]), int(d["out"]), d.get("rank_dim"), bool(d.get("dora")))
 
     def problem(
         self,

@@ -262,9 +262,9 @@ def _pair_peft_tensors(parts: _Parts, spec: LoraSpec, where: Path, *, use_dora: 
         a, b = ab["A"], ab["B"]
         embedding = path in parts.embedding
         if a.dim() not in ((2,) if embedding else (2, 4)) or b.dim() != a.dim():
+            kinds = "2-D (Embedding)" if embedding else "2-D (Linear) or 4-D (Conv2d)"
             raise AdapterError(
-                f"{where}: {path} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not 2-D (Linear, Embedding) "
-                "or 4-D (Conv2d) weights"
+                f"{where}: {path} lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} are not {kinds} weights"
             )
         if a.shape[0] != b.shape[1]:
             raise AdapterError(
