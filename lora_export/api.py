@@ -169,7 +169,6 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
     """What `target` is and holds: a graph (`.onnx`), an adapter (PEFT dir or adapter file; `base_model` adds
     the trainable fraction), or a model (its LoRA-capable layers and default targets)."""
     from lora_export import inspection
-    from lora_export.adapters.spec import DEFAULT_TARGETS
 
     path = Path(target)
     text = str(target)
@@ -179,7 +178,9 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
         base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
     loaded = as_model(text)
-    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
+    return inspection.inspect_model(
+        loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch, loaded.module)
+    )
 
 
 def make_adapter(
@@ -198,7 +199,7 @@ def make_adapter(
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if not targets:
-        targets = default_targets(loaded.arch)
+        targets = default_targets(loaded.arch, module=loaded.module)
     spec = LoraSpec(
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets if isinstance(targets, str) else list(targets)
     )
@@ -346,3 +347,10 @@ def serve(
 
     config = ServeConfig(str(folder), {k: str(v) for k, v in (adapters or {}).items()}, **options)
     run_server(config, on_ready=on_ready, stop=stop)
+
+
+def _defaults_or_none(arch: str, module=None) -> list[str] | None:
+    try:
+        return default_targets(arch, module=module)
+    except UserError:
+        return None

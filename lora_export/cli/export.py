@@ -78,13 +78,39 @@ def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len
     default=None,
     help="bank: largest adapter rank (default max(16, ranks of the given adapters)).",
 )
+@click.option(
+    "--dora",
+    is_flag=True,
+    help="Give every slot a DoRA scale input (automatic when an --adapter uses DoRA), so DoRA adapters load later.",
+)
+@click.option(
+    "--modules-to-save",
+    "modules_to_save",
+    default=None,
+    help="Comma-separated modules (e.g. classifier) whose parameters become adapter inputs, as PEFT's "
+    "modules_to_save (automatic for the --adapter's own).",
+)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
 @export_options
 @shape_options
 @click.option("--no-verify", is_flag=True)
 @progress_steps
 def export_branched(
-    model, adapters, targets, layout, max_rank, output, opset, dtype, force, batch, seq_len, no_verify, steps
+    model,
+    adapters,
+    targets,
+    layout,
+    max_rank,
+    dora,
+    modules_to_save,
+    output,
+    opset,
+    dtype,
+    force,
+    batch,
+    seq_len,
+    no_verify,
+    steps,
 ):
     """Export with the LoRA side branch kept in the graph: swap adapters at run time, or mix them per row."""
     outcome = api.export_branched(
@@ -101,6 +127,8 @@ def export_branched(
         force=force,
         batch=batch,
         seq=seq_len,
+        dora=dora,
+        saved_modules=[m.strip() for m in modules_to_save.split(",") if m.strip()] if modules_to_save else None,
     )
     result = outcome.export
     display.out.print(f"wrote {result.path}: {len(result.manifest.lora_modules)} LoRA slots, layout {layout}")

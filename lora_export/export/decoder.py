@@ -19,11 +19,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lora_export import contract
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.inject import attach_feed, merge_adapter
+from lora_export.adapters.inject import merge_adapter
 from lora_export.adapters.layer import BranchFeed
-from lora_export.adapters.pack import packed_tensors, write_packed
+from lora_export.adapters.pack import write_packed
 from lora_export.contract import (
     BATCH_DIM,
     DECODER_LAYOUTS,
@@ -120,12 +122,15 @@ def export_decoder(
         wiring = lora_wiring(loaded, adapters, targets, layout, max_rank, dtype, TRACE_BATCH)
         extra, table = wiring.extra, wiring.table
         feed = BranchFeed(layout)
-        attach_feed(work.module, wiring.paths, feed)
+        wiring.attach(work.module, feed)
     facts = probe(loaded.module, loaded.source)
     view = decoder_view(work, facts, torch_dtype)
     model = trace_mod.trace(
         view, extra=extra, feed=feed, batch=TRACE_BATCH, seq=TRACE_SEQ, opset=opset, dtype=torch_dtype
     )
+    if table is not None:
+        wiring.finish(work.module, model, prefix="model.")  # KvCacheLM holds the model as `model`
+        table.base = _initializers(model)
     manifest = build_manifest(decoder_kind(layout), view, model, adapters=adapters, dtype=dtype, slots=table)
     manifest.model = {"source": loaded.source, "arch": loaded.arch}
     manifest.extra[DECODER_KEY] = facts.to_dict()
@@ -139,9 +144,18 @@ def export_decoder(
         if layout != MERGED and adapters:
             (tmp / ADAPTERS_DIR).mkdir()
             for a in adapters:
-                write_packed(packed_tensors(a, dtype), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
+                write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
                 packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
     return DecoderExport(out, manifest, facts, packed)
+
+
+def _initializers(model):
+    """The traced graph's initializers by name (DoRA scales of the packed adapters read base weights)."""
+
+    def get(name: str) -> np.ndarray:
+        return np.asarray(model.graph.initializers[name].const_value.numpy())
+
+    return get
 
 
 def _check_request(out: Path, adapters: list[Adapter], layout: str, force: bool) -> None:

@@ -96,6 +96,11 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
         branches = find_branches(model)
         if slots.layout == MERGED or not branches:
             raise UserError("--bake needs a branched graph with LoRA inputs; this graph has none")
+        if slots.saved or any(s.dora for s in slots.slots.values()):
+            raise UserError(
+                "--bake folds plain LoRA branches; this graph has DoRA or modules_to_save inputs: "
+                "use merge-and-export for a merged graph of such an adapter"
+            )
         slots.check_adapter(self.adapter)
         by_path = {b.path: b for b in branches}
         unknown = sorted(set(self.adapter.modules) - set(by_path))

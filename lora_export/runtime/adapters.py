@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.pack import packed_tensors, write_packed
+from lora_export.adapters.pack import write_packed
 from lora_export.adapters.peft_io import read_adapter
 from lora_export.contract import ADAPTER_INDEX, INPUTS, NO_ADAPTER, SlotTable
 from lora_export.errors import UserError
@@ -78,7 +78,7 @@ class AdapterStore:
     def _prepare_inputs(self, resident: Resident) -> None:
         import onnxruntime as ort
 
-        tensors = packed_tensors(resident.adapter, self.slots.dtype)
+        tensors = self.slots.adapter_feeds(resident.adapter)  # A/B, DoRA scales, modules_to_save, graph dtype
         if self._use_ort_adapters:
             try:
                 path = Path(self._tmp.name) / f"{resident.generation}.onnx_adapter"

@@ -56,6 +56,7 @@ from lora_export.contract import (
 )
 from lora_export.decoder_folder import DecoderFolder, read_folder
 from lora_export.errors import UserError
+from lora_export.onnxio import InitializerReader
 from lora_export.runtime import batch as batch_mod
 from lora_export.runtime.adapters import AdapterStore
 from lora_export.runtime.batch import Batch
@@ -118,7 +119,7 @@ class Generator:
         self.folder = folder if isinstance(folder, DecoderFolder) else read_folder(folder)
         self.facts = self.folder.facts
         self.session = open_session(self.folder.model_path, providers, threads, spinning=spinning)
-        self.slots = SlotTable.from_session(self.session)
+        self.slots = SlotTable.from_session(self.session, InitializerReader(self.folder.model_path))
         self.input_names = decoder_input_names(self.facts.num_layers)
         self.output_names = decoder_output_names(self.facts.num_layers)
         self._check_graph()

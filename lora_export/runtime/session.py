@@ -22,6 +22,7 @@ from lora_export.adapters.adapter import Adapter
 from lora_export.backends.onnxrt import feedable_names, open_session
 from lora_export.contract import ADAPTER_INDEX, BANK, MERGED, SlotTable, check_bank_index, is_lora_input
 from lora_export.errors import UserError
+from lora_export.onnxio import InitializerReader
 from lora_export.runtime.adapters import AdapterStore
 
 
@@ -36,7 +37,7 @@ class LoraSession:
     ):
         self.path = Path(graph)
         self.session = open_session(self.path, providers, threads)
-        self.slots = SlotTable.from_session(self.session)
+        self.slots = SlotTable.from_session(self.session, InitializerReader(self.path))
         if self.slots.layout == MERGED:
             raise UserError(f"{self.path} has no LoRA inputs: open a graph made by export-branched")
         self.input_names = set(feedable_names(self.session))

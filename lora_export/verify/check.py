@@ -25,7 +25,7 @@ from lora_export.backends.torch_runner import TorchRunner
 from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER, SlotTable, precision
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import load_onnx_header, slots_of_proto
+from lora_export.onnxio import InitializerReader, load_onnx_header, slots_of_proto
 from lora_export.verify.parity import QUANTIZED_CRITERIA, ParityReport, adapter_effect, compare_outputs
 
 BACKENDS = ("torch", "ort", "trt")
@@ -108,7 +108,8 @@ class GraphSide:
         self.runner.__enter__()
         self.session = getattr(self.runner, "session", None)
         if self.session is not None:
-            self.slots = SlotTable.from_session(self.session)
+            path = getattr(self.runner, "path", None)
+            self.slots = SlotTable.from_session(self.session, InitializerReader(path) if path else None)
             self.dtype = precision(o.type for o in self.session.get_outputs())  # the outputs' precision
         self.extra = _lora_feeds(self.slots, self.adapters)
         return self
@@ -161,7 +162,7 @@ def open_side(
         slots, dtype = SlotTable(MERGED), "fp32"
         if onnx_path is not None:
             header = load_onnx_header(onnx_path)
-            slots = slots_of_proto(header)
+            slots = slots_of_proto(header, InitializerReader(onnx_path))
             dtype = precision(o.type.tensor_type.elem_type for o in header.graph.output)  # the outputs' precision
         return GraphSide(runner_cls(engine_path), slots, list(adapters), f"trt:{Path(engine_path).name}", dtype)
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
