@@ -32,6 +32,14 @@ def build_peft(loaded, seed: int = 0, adapter_name: str = "default", **config):
     return pm.eval()
 
 
+def move_dora_magnitudes(pm, name: str, seed: int) -> None:
+    """PEFT starts DoRA's magnitude m at ||W0|| (scale 1 before training): move it, as training does."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in pm.named_parameters():
+        if f"lora_magnitude_vector.{name}" in n:
+            p.data = p.data * (1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
 def add_peft_adapter(pm, name: str, seed: int, **config) -> None:
     from peft import LoraConfig
 

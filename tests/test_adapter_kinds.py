@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from arch_zoo import build
-from peft_oracle import add_peft_adapter, build_peft, peft_forward, save_adapter
+from peft_oracle import add_peft_adapter, build_peft, move_dora_magnitudes, peft_forward, save_adapter
 
 from lora_export.adapters import read_adapter
 from lora_export.adapters.pack import pack_adapter
@@ -27,14 +27,6 @@ from lora_export.runtime import LoraSession
 from lora_export.verify.check import make_feeds
 
 
-def _new_magnitudes(pm, name, seed):
-    """PEFT starts m at ||W0|| (g = 1 before training): move it, as training does."""
-    g = torch.Generator().manual_seed(seed)
-    for n, p in pm.named_parameters():
-        if f"lora_magnitude_vector.{name}" in n:
-            p.data = p.data * (1 + 0.3 * torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("kinds")
@@ -43,7 +35,7 @@ def llama(tmp_path_factory):
         loaded, seed=1, adapter_name="d", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
         use_dora=True,
     )  # fmt: skip
-    _new_magnitudes(pm, "d", 2)
+    move_dora_magnitudes(pm, "d", 2)
     add_peft_adapter(pm, "e", 3, r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
     add_peft_adapter(pm, "p", 4, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     dirs = {n: save_adapter(pm, root / "adapters", n) for n in ("d", "e", "p")}
@@ -63,7 +55,7 @@ def gpt2(tmp_path_factory):
         loaded, seed=5, adapter_name="g", r=4, lora_alpha=8, target_modules=["c_attn", "wte"], use_dora=True,
         fan_in_fan_out=True,
     )  # fmt: skip
-    _new_magnitudes(pm, "g", 6)
+    move_dora_magnitudes(pm, "g", 6)
     d = save_adapter(pm, root / "g", "g")
     adapter = read_adapter(d, name="g")
     return dict(loaded=loaded, pm=pm, dir=d, adapter=adapter, root=root)
@@ -271,7 +263,7 @@ def test_unsupported_config_fields_are_refused_in_one_line(llama, tmp_path, fiel
 def test_dora_on_conv2d_merged_matches_peft(sample_cache, tmp_path):
     loaded = sample_cache("convnet")
     pm = build_peft(loaded, seed=7, r=4, lora_alpha=8, target_modules=["conv1", "conv2", "head"], use_dora=True)
-    _new_magnitudes(pm, "default", 8)
+    move_dora_magnitudes(pm, "default", 8)
     adapter = read_adapter(save_adapter(pm, tmp_path / "conv"))
     path = export_merged(loaded, adapter, tmp_path / "conv.onnx").path
     feeds = make_feeds(loaded, 2, 16, 0)

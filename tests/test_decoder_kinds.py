@@ -4,10 +4,9 @@ architectures beyond gpt2/llama/qwen2 (greedy, fp32, one left-padded batch again
 from __future__ import annotations
 
 import pytest
-import torch
 from arch_zoo import build
 from decoder_setup import peft_generate
-from peft_oracle import add_peft_adapter, build_peft, fill_lora, save_adapter
+from peft_oracle import add_peft_adapter, build_peft, fill_lora, move_dora_magnitudes, save_adapter
 
 from lora_export.adapters import read_adapter
 from lora_export.export.decoder import export_decoder
@@ -17,13 +16,6 @@ PROMPTS = [[11, 23, 5, 64, 8, 9, 7], [3, 17, 25], [41, 42, 43, 44]]
 NEW = 10
 
 
-def _move_magnitudes(pm, name: str, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for n, p in pm.named_parameters():
-        if f"lora_magnitude_vector.{name}" in n:
-            p.data = p.data * (1 + 0.3 * torch.randn(p.shape, generator=g))
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoder_kinds")
@@ -31,7 +23,7 @@ def llama(tmp_path_factory):
     pm = build_peft(loaded, seed=5, adapter_name="d", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                     use_dora=True)  # fmt: skip
     fill_lora(pm, 5, "d", b_std=0.3)
-    _move_magnitudes(pm, "d", 6)
+    move_dora_magnitudes(pm, "d", 6)
     add_peft_adapter(pm, "e", 7, r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])
     fill_lora(pm, 7, "e", b_std=0.3)
     adapters = [read_adapter(save_adapter(pm, root / "adapters", n), name=n) for n in ("d", "e")]
