@@ -18,7 +18,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
@@ -30,6 +30,10 @@ from lora_export.export.merged import ExportResult
 from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.verify.parity import ParityReport
+
+if TYPE_CHECKING:
+    from lora_export.export.decoder import DecoderExport
+    from lora_export.verify.generation import GenerationReport
 
 ModelLike = str | LoadedModel
 AdapterLike = str | Path | Adapter
@@ -163,6 +167,8 @@ def optimize(
     Runtime CPU: `report["bench"]` holds the stats by graph and `ratio_after_before`."""
     from lora_export.passes.pipeline import optimize_file
 
+    if bench and Path(graph).is_dir():
+        raise UserError("--bench times single graphs: time decoder folders with `generate` or tools/benchmarks.py")
     with _step(progress, "optimizing"):
         report = optimize_file(graph, out, **optimize_kwargs)
     if bench:
@@ -179,7 +185,6 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
     """What `target` is and holds: a graph (`.onnx`), an adapter (PEFT dir or adapter file; `base_model` adds
     the trainable fraction), or a model (its LoRA-capable layers and default targets)."""
     from lora_export import inspection
-    from lora_export.adapters.spec import DEFAULT_TARGETS
 
     path = Path(target)
     text = str(target)
@@ -189,7 +194,9 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
         base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
     loaded = as_model(text)
-    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
+    return inspection.inspect_model(
+        loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch, loaded.module)
+    )
 
 
 def make_adapter(
@@ -213,7 +220,7 @@ def make_adapter(
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if not targets:
-        targets = default_targets(loaded.arch)
+        targets = default_targets(loaded.arch, module=loaded.module)
     spec = LoraSpec(
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets if isinstance(targets, str) else list(targets)
     )
@@ -292,31 +299,79 @@ def refit(
         return refit_engine(plan, ad, **refit_kwargs)
 
 
+def demo(out_dir: str | Path = "lora-export-demo", *, items: int = 40, progress: Progress | None = None):
+    """The trained sample and its two adapters, exported as one bank decoder folder under `out_dir` (which the
+    demo owns: a rerun replaces it): the base model and each adapter generate for the same meaning
+    representation in one batch, PyTorch generates the same, and each row is scored on `items` test items."""
+    from lora_export.demo import run_demo
+
+    return run_demo(out_dir, items=items, step=lambda label: _step(progress, label))
+
+
 @dataclass
-class DemoResult:
-    adapter: Adapter
-    export: ExportResult
-    report: ParityReport
-    base_parameters: int
+class DecoderOutcome:
+    export: DecoderExport
+    report: GenerationReport | None
 
 
-def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progress: Progress | None = None):
-    """Sample GPT-2 + a random PEFT adapter -> merged ONNX -> verified, all written under `out_dir`."""
-    from lora_export.export.merged import export_merged
-    from lora_export.verify.check import verify_graph
+def export_decoder(
+    model: ModelLike,
+    out: str | Path,
+    *,
+    adapters: list[AdapterLike] = (),
+    layout: str = "merged",
+    verify: bool = True,
+    progress: Progress | None = None,
+    **export_kwargs,
+) -> DecoderOutcome:
+    """A decoder folder (KV-cache graph, genai_config.json, adapters, tokenizer); `verify` checks greedy tokens
+    against transformers generate (a bank folder with a batch whose rows are each adapter and no adapter)."""
+    from lora_export.export.decoder import export_decoder as _export
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty: pass --force or choose --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    with _step(progress, "building sample:gpt2"):
-        loaded = as_model("sample:gpt2")
-    with _step(progress, "writing a random PEFT adapter (r=8, alpha=16, c_attn)"):
-        make_adapter(loaded, out / "adapter", r=8, alpha=16, force=True)
-        adapter = as_adapter(out / "adapter")
-    with _step(progress, "merging and exporting"):
-        result = export_merged(loaded, adapter, out / "gpt2_merged.onnx", force=True)
-    with _step(progress, "verifying ONNX Runtime vs PyTorch"):
-        report = verify_graph(loaded, result.path, [adapter])
-    params = sum(p.numel() for p in loaded.module.parameters())
-    return DemoResult(adapter, result, report, params)
+    with _step(progress, _loading(model)):
+        loaded = as_model(model)
+        ads = [as_adapter(a) for a in adapters]
+    with _step(progress, f"exporting the decoder ({layout})"):
+        result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
+    report = None
+    if verify:
+        rows = len(ads) + 1 if layout == BANK else 2
+        with _step(progress, "checking greedy generation against transformers"):
+            report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)])
+    return DecoderOutcome(result, report)
+
+
+def verify_generation(
+    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), allow_nonfinite: bool = False, **kwargs
+) -> GenerationReport:
+    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model; `kwargs` go to
+    `verify.generation.verify_generation` (new_tokens, shapes, seeds, atol)."""
+    from lora_export.verify.generation import verify_generation as _verify
+
+    ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    return _verify(as_model(model), folder, ads, **kwargs)
+
+
+def serve(
+    folder: str | Path,
+    *,
+    adapters: dict[str, str | Path] | None = None,
+    on_ready: Callable[[str, list[str]], None] | None = None,
+    stop: Any = None,
+    **options: Any,
+) -> None:
+    """Serve a decoder folder with the OpenAI-compatible API on Ray Serve until Ctrl-C / SIGTERM (or until the
+    `threading.Event` `stop` is set); `options` are `serving.ServeConfig` fields (port, replicas,
+    max_batch_size, batch_wait_ms, address, api_key, ...). Nothing this started is left running."""
+    from lora_export.serving import ServeConfig
+    from lora_export.serving import serve as run_server
+
+    config = ServeConfig(str(folder), {k: str(v) for k, v in (adapters or {}).items()}, **options)
+    run_server(config, on_ready=on_ready, stop=stop)
+
+
+def _defaults_or_none(arch: str, module=None) -> list[str] | None:
+    try:
+        return default_targets(arch, module=module)
+    except UserError:
+        return None

@@ -139,7 +139,7 @@ def atomic_dir(path: str | os.PathLike, replaceable: tuple[str, ...] = ()) -> It
         with io_errors(path):
             yield tmp
             for f in tmp.iterdir():
-                _publish_mode(f)
+                _publish_mode(f, directory=f.is_dir())
             _publish_mode(tmp, directory=True)
             old = None
             if path.exists():  # move the old one aside first: at every moment one complete directory exists

@@ -99,3 +99,33 @@ def progress_bars():
 
     with bars:
         yield update
+
+
+def demo_summary(result) -> None:
+    """What `lora-export demo` shows: one input, three rows of one batch, then the task scores."""
+    from rich.markup import escape
+
+    out.print(f"\n[bold]input[/bold] (a meaning representation from the test split):\n  {escape(result.mr)}\n")
+    for label, text in result.texts.items():
+        torch_text = result.torch_texts.get(label)
+        same = "" if torch_text == text else f"  [red]PyTorch: {escape(str(torch_text))}[/red]"
+        out.print(f"[bold]{escape(label)}[/bold]\n  {escape(text) or '(nothing)'}{same}")
+    first = next(iter(result.scores.values()), None)
+    variant = f" ({first.meteor_variant})" if first else ""
+    rows = [
+        [escape(label), f"{s.bleu:.1f}", f"{s.rouge_l:.1f}", f"{s.meteor:.1f}"] for label, s in result.scores.items()
+    ]
+    n = first.n if first else 0
+    table(
+        f"task scores on {n} test items (ONNX Runtime, greedy)",
+        ["row", "BLEU", "ROUGE-L", f"METEOR{variant}"],
+        rows,
+        caption="the base model is scored against the description references",
+    )
+    verdict = "[green]identical[/green]" if result.matches_torch else "[red]DIFFERENT[/red]"
+    out.print(
+        f"model: {result.parameters:,} parameters; each adapter {result.lora_parameters:,} LoRA parameters "
+        f"({100 * result.lora_parameters / max(1, result.parameters):.1f}%)\n"
+        f"folder: {result.folder} (one graph, adapters per row)\n"
+        f"ONNX Runtime vs PyTorch texts: {verdict}"
+    )

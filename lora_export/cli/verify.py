@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from lora_export import api
@@ -37,7 +39,13 @@ def sweep_shapes(shapes: str | None, batches: str | None, seqs: str | None) -> l
 
 @cli.command("verify")
 @model_argument
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, help="The exported graph (ort).")
+@click.option(
+    "--onnx",
+    "onnx_path",
+    type=click.Path(),
+    default=None,
+    help="The exported graph (ort), or a decoder folder (export-decoder): then greedy generation is checked.",
+)
 @click.option("--engine", "engine_path", type=click.Path(dir_okay=False), default=None, help="A TensorRT plan (trt).")
 @click.option("--reference", type=BACKEND_CHOICES, default="torch", show_default=True, help="Reference backend.")
 @click.option(
@@ -67,6 +75,9 @@ def sweep_shapes(shapes: str | None, batches: str | None, seqs: str | None) -> l
     default=None,
     help="Directory to keep failing cases in (inputs and both outputs, .npz) for reproduction.",
 )
+@click.option(
+    "--new-tokens", type=click.IntRange(1), default=16, show_default=True, help="Decoder folders: tokens per prompt."
+)
 @json_option
 @nonfinite_option
 def verify(
@@ -86,6 +97,7 @@ def verify(
     no_effect_check,
     oracle,
     save_inputs,
+    new_tokens,
     json_path,
     allow_nonfinite,
 ):
@@ -97,6 +109,8 @@ def verify(
     Exit code 0 when every output on every input set is within tolerance and the adapter visibly changes
     the outputs, 1 otherwise; 3 when TensorRT or a GPU is missing.
     """
+    if onnx_path is not None and Path(onnx_path).is_dir():
+        return _verify_decoder(model, onnx_path, adapters, atol, seeds, shapes, new_tokens, json_path, allow_nonfinite)
     candidate = candidate or ("trt" if engine_path else "ort")
     if "ort" in (reference, candidate) and onnx_path is None:
         raise UserError("the ort backend needs the graph: pass --onnx PATH")
@@ -132,3 +146,22 @@ def verify(
         display.err.print("[red]verification failed[/red]")
         raise click.exceptions.Exit(1)
     display.out.print("[green]verified[/green]")
+
+
+def _verify_decoder(model, folder, adapters, atol, seeds, shapes, new_tokens, json_path, allow_nonfinite) -> None:
+    """Greedy tokens of a decoder folder vs transformers generate (shapes: ROWSxLONGEST_PROMPT)."""
+    from lora_export.cli.generate import finish_generation_report
+
+    tol = parse_per_output(atol, "--atol")
+    report = api.verify_generation(
+        model,
+        folder,
+        adapters=list(adapters),
+        allow_nonfinite=allow_nonfinite,
+        new_tokens=new_tokens,
+        shapes=parse_shapes(shapes),
+        seeds=parse_ints(seeds, "--seeds"),
+        atol=next(iter(tol.values()), None),
+    )
+    write_json_report(json_path, report.to_dict())
+    finish_generation_report(report)

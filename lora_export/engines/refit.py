@@ -56,7 +56,11 @@ def _load_graph_weights(entry: dict | None, what: str, override: Path | None = N
         raise UserError(f"{what} {path} not found: pass --base BASE.onnx")
     if override is None and entry and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
         raise UserError(f"{what} {path} changed since the engine was built (sha256 differs): pass --base explicitly")
-    return GraphWeights(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    from lora_export.passes.quantize import refuse_quantized
+
+    refuse_quantized(model, "refit")
+    return GraphWeights(model)
 
 
 def _source_if_present(entry: dict | None) -> GraphWeights | None:

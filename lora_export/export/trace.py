@@ -60,17 +60,20 @@ class ExportWrapper(nn.Module):
             index = extra.pop(ADAPTER_INDEX, None)
             self._feed.tensors = extra
             if index is not None:
+                self._feed.index = index
                 self._feed.slot_mask = bank_slot_mask(index, extra, self._feed)
         try:
             return call_model(self._loaded, feeds)
         finally:
             if self._feed is not None:
-                self._feed.tensors, self._feed.slot_mask = {}, None
+                self._feed.tensors, self._feed.slot_mask, self._feed.index = {}, None, None
 
 
-def bank_slot_mask(index: torch.Tensor, tensors: dict[str, torch.Tensor], feed: BranchFeed) -> torch.Tensor:
+def bank_slot_mask(index: torch.Tensor, tensors: dict[str, torch.Tensor], feed: BranchFeed) -> torch.Tensor | None:
     """`[batch, N*R]`: 1 where rank slot j belongs to the row's adapter (j // R == index); -1 matches none."""
-    a_bank = next(t for k, t in tensors.items() if (p := parse(k)) and p.ab == A and p.kind == BANK_KIND)  # (N, in, R)
+    a_bank = next((t for k, t in tensors.items() if (p := parse(k)) and p.ab == A and p.kind == BANK_KIND), None)
+    if a_bank is None:  # a bank of modules_to_save only
+        return None
     n, rank = a_bank.shape[0], a_bank.shape[2]
     owner = torch.arange(n * rank, device=index.device) // rank  # (N*R,)
     return (owner.unsqueeze(0) == index.unsqueeze(1)).to(a_bank.dtype)  # (batch, N*R)

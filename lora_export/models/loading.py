@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from lora_export.errors import UserError
+from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
+from lora_export.models.introspect import VISION, describe
 from lora_export.models.zoo import SAMPLES, build_sample
 
 
@@ -57,7 +59,7 @@ def call_model(model: LoadedModel, feeds: dict[str, torch.Tensor]) -> tuple[torc
         return tuple(out)
     if model.arch == "convnet":
         return (model.module(feeds["pixel_values"]),)
-    out = model.module(**feeds, use_cache=False, return_dict=True)
+    out = model.module(**feeds, **model.extra.get("call_kwargs", {}))
     return tuple(out[n] for n in model.output_names)
 
 
@@ -69,15 +71,17 @@ def load_model(spec: str) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
         return _load_transformers_dir(path, spec)
-    names = ", ".join(f"sample:{n}" for n in SAMPLES)
+    names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME])
     raise UserError(
         f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
     )
 
 
 def _load_sample(name: str, spec: str) -> LoadedModel:
+    if name == e2e.NAME:  # trained, shipped as a transformers directory
+        return _load_transformers_dir(e2e.model_dir(), spec)
     if name not in SAMPLES:
-        raise UserError(f"unknown sample {name!r}: choose one of {', '.join(SAMPLES)}")
+        raise UserError(f"unknown sample {name!r}: choose one of {', '.join([*SAMPLES, e2e.NAME])}")
     module, sample = build_sample(name)
     if sample.arch == "convnet":
         return LoadedModel(
@@ -90,41 +94,24 @@ def _load_sample(name: str, spec: str) -> LoadedModel:
             make_inputs=lambda b, s, seed: inputs_mod.image_inputs(b, s, seed),
             default_seq=16,
         )
-    return _wrap_transformers(module, spec)
+    return wrap_transformers(module, spec)
 
 
-def _wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
+def wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
+    """A transformers model with its I/O read from the model (class, forward signature, config, one probe)."""
+    module.eval()
     config = module.config
-    arch = config.model_type
-    if arch not in inputs_mod.TEXT_INPUTS:
-        raise UserError(
-            f"{spec}: model type {arch!r} has no input recipe yet (known: {', '.join(inputs_mod.TEXT_INPUTS)}); "
-            "wrap it as py:module:factory"
-        )
-    names = inputs_mod.TEXT_INPUTS[arch]
-    outputs = (
-        ["logits"]
-        if "ForCausalLM" in type(module).__name__ or "LMHead" in type(module).__name__
-        else (
-            ["last_hidden_state", "pooler_output"]
-            if getattr(module, "pooler", None) is not None
-            else ["last_hidden_state"]
-        )
-    )
-    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes.update({o: {0: "batch", 1: "sequence"} for o in outputs})
-    if "pooler_output" in outputs:
-        axes["pooler_output"] = {0: "batch"}
-    vocab = int(config.vocab_size)
+    io = describe(module, spec)
     return LoadedModel(
-        module=module.eval(),
-        arch=arch,
+        module=module,
+        arch=config.model_type,
         source=spec,
-        input_names=names,
-        output_names=outputs,
-        dynamic_axes=axes,
-        make_inputs=lambda b, s, seed: inputs_mod.text_inputs(names, vocab, b, s, seed),
-        extra={"config": config.to_dict() if hasattr(config, "to_dict") else {}},
+        input_names=io.input_names,
+        output_names=io.output_names,
+        dynamic_axes=io.dynamic_axes,
+        make_inputs=io.make_inputs(int(getattr(config, "vocab_size", 0) or 2)),
+        default_seq=io.image_size if io.kind == VISION else 16,
+        extra={"config": config.to_dict() if hasattr(config, "to_dict") else {}, "call_kwargs": io.call_kwargs},
     )
 
 
@@ -147,7 +134,9 @@ def _load_transformers_dir(path: Path, spec: str) -> LoadedModel:
             "and weights (re-save it with save_pretrained)"
         ) from e
     module.config.use_cache = False
-    return _wrap_transformers(module, spec)
+    loaded = wrap_transformers(module, spec)
+    loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
+    return loaded
 
 
 def _load_py(spec: str) -> LoadedModel:

@@ -86,6 +86,9 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
         self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lora_export.passes.quantize import refuse_quantized
+
+        refuse_quantized(model, "--bake")
         graph = model.graph
         names = {v.name for v in lora_inputs(model)}
         slots = slots_of_ir(model)
@@ -94,6 +97,11 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
         branches = find_branches(model)
         if slots.layout == MERGED or not branches:
             raise UserError("--bake needs a branched graph with LoRA inputs; this graph has none")
+        if slots.saved or any(s.dora for s in slots.slots.values()):
+            raise UserError(
+                "--bake folds plain LoRA branches; this graph has DoRA or modules_to_save inputs: "
+                "use merge-and-export for a merged graph of such an adapter"
+            )
         slots.check_adapter(self.adapter)
         by_path = {b.path: b for b in branches}
         unknown = sorted(set(self.adapter.modules) - set(by_path))

@@ -26,8 +26,8 @@ from lora_export.backends.torch_runner import TorchRunner
 from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER, SlotTable, precision
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import load_onnx_header, slots_of_proto
-from lora_export.verify.parity import ParityReport, adapter_effect, compare_outputs
+from lora_export.onnxio import InitializerReader, load_onnx_header, slots_of_proto
+from lora_export.verify.parity import QUANTIZED_CRITERIA, ParityReport, adapter_effect, compare_outputs
 from lora_export.verify.peft_reference import PeftSide, resolve_oracle
 
 BACKENDS = ("torch", "ort", "trt")
@@ -110,7 +110,8 @@ class GraphSide:
         self.runner.__enter__()
         self.session = getattr(self.runner, "session", None)
         if self.session is not None:
-            self.slots = SlotTable.from_session(self.session)
+            path = getattr(self.runner, "path", None)
+            self.slots = SlotTable.from_session(self.session, InitializerReader(path) if path else None)
             self.dtype = precision(o.type for o in self.session.get_outputs())  # the outputs' precision
         self.extra = _lora_feeds(self.slots, self.adapters)
         return self
@@ -165,7 +166,7 @@ def open_side(
         slots, dtype = SlotTable(MERGED), "fp32"
         if onnx_path is not None:
             header = load_onnx_header(onnx_path)
-            slots = slots_of_proto(header)
+            slots = slots_of_proto(header, InitializerReader(onnx_path))
             dtype = precision(o.type.tensor_type.elem_type for o in header.graph.output)  # the outputs' precision
         return GraphSide(runner_cls(engine_path), slots, list(adapters), f"trt:{Path(engine_path).name}", dtype)
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -223,12 +224,17 @@ def verify_backends(
     candidate_adapters: list[Adapter] | None = None,
     on_case=None,
     oracle: str = "auto",
+    criteria: dict | None = None,
 ) -> ParityReport:
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
     `candidate_adapters` overrides what the candidate is fed (default: `adapters`); tests use it to show that
     a dropped adapter fails. `on_case(done, total)` is called after each case (progress bars). `oracle`: whose
     LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
+
+    A quantized ONNX graph (int8/int4 base) is judged on agreement, not elementwise error: `criteria`
+    (default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
+    check weighs the adapter's effect against the mean abs error (quantization noise), not the max.
     """
     if reference == candidate:
         raise UserError(f"reference and candidate are both {reference!r}: compare two different backends")
@@ -236,6 +242,11 @@ def verify_backends(
     adapters = list(adapters)
     cand_adapters = adapters if candidate_adapters is None else list(candidate_adapters)
     kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers, oracle=oracle)
+    if criteria is None and onnx_path is not None and "ort" in (reference, candidate):
+        from lora_export.passes.quantize import graph_scheme
+
+        scheme = graph_scheme(onnx_path)
+        criteria = QUANTIZED_CRITERIA[scheme] if scheme else None
     with contextlib.ExitStack() as stack:
         ref_side = stack.enter_context(open_side(reference, loaded, adapters, **kw))
         cand_side = stack.enter_context(open_side(candidate, loaded, cand_adapters, **kw))
@@ -260,9 +271,10 @@ def verify_backends(
                 ref = ref_side.outputs(feeds, rows)
                 got = cand_side.outputs(feeds, rows)
                 label = f"seed={seed} batch={batch} seq={seq}"
-                case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label)
+                case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label, criteria=criteria)
                 report.cases.append(case)
-                worst_err = max([worst_err] + [o.max_abs for o in case.outputs if np.isfinite(o.max_abs)])
+                errs = [o.mean_abs if criteria else o.max_abs for o in case.outputs]
+                worst_err = max([worst_err] + [e for e in errs if np.isfinite(e)])
                 if adapters and check_effect and truth is not None:
                     with_adapter = ref if truth is ref_side else truth.outputs(feeds, rows)
                     effects.append((with_adapter, truth.base_outputs(feeds)))
