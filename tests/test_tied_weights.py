@@ -22,14 +22,14 @@ def tied_llama():
     import torch
     import transformers
 
-    from lora_export.models.loading import _wrap_transformers
+    from lora_export.models.loading import wrap_transformers
     from lora_export.models.zoo import SAMPLES
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**SAMPLES["llama"].config, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(config).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    return _wrap_transformers(model, "tied-llama")
+    return wrap_transformers(model, "tied-llama")
 
 
 def _initializers(path) -> dict[str, np.ndarray]:

@@ -38,7 +38,7 @@ def _models(large: bool, only: list[str] | None = None):
     import transformers
 
     from lora_export.models import load_model
-    from lora_export.models.loading import _wrap_transformers
+    from lora_export.models.loading import wrap_transformers
     from lora_export.models.zoo import SAMPLES
 
     names = ["gpt2", "llama", "bert", "convnet", "llama-tied", "py:tiny_factory"] + (["gpt2-small"] if large else [])
@@ -47,7 +47,7 @@ def _models(large: bool, only: list[str] | None = None):
         if name == "llama-tied":
             torch.manual_seed(0)
             cfg = transformers.LlamaConfig(**SAMPLES["llama"].config, tie_word_embeddings=True)
-            out[name] = _wrap_transformers(transformers.LlamaForCausalLM(cfg).eval(), name)
+            out[name] = wrap_transformers(transformers.LlamaForCausalLM(cfg).eval(), name)
         elif name == "py:tiny_factory":
             out[name] = load_model("py:tiny_factory:make")
         else:
