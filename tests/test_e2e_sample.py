@@ -296,3 +296,15 @@ def test_verify_task_cli_exit_codes_and_misuse(folders):
         run("verify", e2e.SPEC, "--onnx", merged, "--task", "e2e", "--adapter", "poem", ok=False),
         r"not an adapter of sample:e2e",
     )
+
+
+def test_verify_task_tie_is_a_float32_tie_in_peft_logits(base, tokenizer):
+    """Test item 156 (description): PEFT's top-2 logits differ by ~2e-6 at the venue name ("near The
+    Portland Arms" vs "near The Sorrento"), so either text is a tie; another adapter's text is not."""
+    from lora_export.verify.task_check import _is_tie, _peft_model
+
+    model = _peft_model(base, "description")
+    prompt = data.prompt(e2e.records("test")[156].mr)
+    tie = "Green Man is a place in the riverside area near The Sorrento. It has a customer rating of 3 out of 5. It is not kid friendly."  # noqa: E501
+    assert _is_tie(model, tokenizer, prompt, tie, 64)
+    assert not _is_tie(model, tokenizer, prompt, "Green Man is a great find. I liked the food.", 64)
