@@ -3,6 +3,7 @@
 from lora_export import api
 result = api.merge_and_export("sample:gpt2", "my_adapter/", "out.onnx")
 report = api.verify("sample:gpt2", "out.onnx", adapters=["my_adapter/"])
+report = api.verify_task("sample:e2e", "e2e_folder/", split="test", limit=50)   # task scores vs PEFT
 
 The CLI commands parse their options, call these functions and display what they return; the orchestration
 (load -> export -> verify, which adapters verify a graph, the demo) lives here once. Slow functions take
@@ -34,6 +35,7 @@ from lora_export.verify.parity import ParityReport
 if TYPE_CHECKING:
     from lora_export.export.decoder import DecoderExport
     from lora_export.verify.generation import GenerationReport
+    from lora_export.verify.task_check import TaskReport
 
 ModelLike = str | LoadedModel
 AdapterLike = str | Path | Adapter
@@ -350,6 +352,24 @@ def verify_generation(
 
     ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
     return _verify(as_model(model), folder, ads, **kwargs)
+
+
+def verify_task(
+    model: ModelLike,
+    folder: str | Path,
+    *,
+    task: str = "e2e",
+    progress: Progress | None = None,
+    **kwargs,
+) -> TaskReport:
+    """Task scores (BLEU, ROUGE-L, METEOR) of a decoder folder of the trained sample next to PyTorch + PEFT on
+    the same items, per adapter of the folder; `kwargs` go to `verify.task_check.verify_task` (split, limit,
+    adapters, tolerance, max_new_tokens, threads). `report.passed`: the same text as PEFT (fp32), or every
+    score within `tolerance` points (quantized / fp16 folders)."""
+    from lora_export.verify.task_check import verify_task as _verify
+
+    name = model if isinstance(model, str) else model.source
+    return _verify(name, folder, task=task, step=lambda label: _step(progress, label), **kwargs)
 
 
 def serve(

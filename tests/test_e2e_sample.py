@@ -242,3 +242,69 @@ def test_one_error_style_and_no_doubled_words(tmp_path):
     assert not re.search(r"\b(\w+) \1\b", wrong.stderr), wrong.stderr
     errors = [line for line in wrong.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: adapter targets"), wrong.stderr
+
+
+# --- verify --task e2e: task scores of a folder next to PyTorch + PEFT -------------------------------------
+
+TASK_ITEMS = 3
+
+
+def test_verify_task_bank_folder_matches_peft(folders):
+    from lora_export import api
+
+    report = api.verify_task(e2e.SPEC, folders["bank"], split="test", limit=TASK_ITEMS)
+    assert report.layout == "bank" and report.mode == "exact" and report.passed, report.to_dict()
+    assert [c.adapter for c in report.comparisons] == list(e2e.ADAPTERS)
+    assert [c.items for c in report.comparisons] == [[0, 2], [1]]  # one batch, rows alternate the adapters
+    for c in report.comparisons:
+        assert c.same_text == c.n and c.max_delta == 0.0 and c.first_difference is None
+        assert c.reference.bleu > 10, c.to_dict()
+
+
+def test_verify_task_reports_a_folder_with_the_wrong_adapter(folders, tmp_path):
+    """A folder whose `description` adapter file holds the review adapter generates other text than PEFT."""
+    import shutil
+
+    from lora_export import api
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(folders["inputs"], wrong)
+    shutil.copyfile(wrong / "adapters" / "review.onnx_adapter", wrong / "adapters" / "description.onnx_adapter")
+    report = api.verify_task(e2e.SPEC, wrong, limit=TASK_ITEMS, adapters=["sample:e2e/description"])
+    (c,) = report.comparisons
+    assert not report.passed and c.adapter == "description"
+    assert c.same_text < c.n and c.first_difference is not None
+    assert c.first_difference["deployment"] != c.first_difference["reference"]
+    assert report.to_dict()["comparisons"][0]["passed"] is False
+
+
+def test_verify_task_cli_exit_codes_and_misuse(folders):
+    from tests.cli_helpers import assert_one_line_error, run
+
+    merged = folders["merged"]  # the description adapter baked in: its manifest says so
+    bad = run("verify", e2e.SPEC, "--onnx", merged, "--task", "e2e", "--limit", TASK_ITEMS, "--adapter", "review",
+              ok=False)  # fmt: skip
+    assert bad.exit_code == 1, bad.output
+    assert "FAIL" in bad.stdout and "task check failed" in bad.stderr
+    assert "review" in bad.stdout and f"0/{TASK_ITEMS} same text" in bad.stdout
+    assert_one_line_error(
+        run("verify", "sample:gpt2", "--onnx", merged, "--task", "e2e", ok=False), r"give sample:e2e as the model"
+    )
+    assert_one_line_error(run("verify", e2e.SPEC, "--onnx", merged, "--limit", 3, ok=False), r"--limit needs --task")
+    assert_one_line_error(run("verify", e2e.SPEC, "--task", "e2e", ok=False), r"pass --onnx FOLDER")
+    assert_one_line_error(
+        run("verify", e2e.SPEC, "--onnx", merged, "--task", "e2e", "--adapter", "poem", ok=False),
+        r"not an adapter of sample:e2e",
+    )
+
+
+def test_verify_task_tie_is_a_float32_tie_in_peft_logits(base, tokenizer):
+    """Test item 156 (description): PEFT's top-2 logits differ by ~2e-6 at the venue name ("near The
+    Portland Arms" vs "near The Sorrento"), so either text is a tie; another adapter's text is not."""
+    from lora_export.verify.task_check import _is_tie, _peft_model
+
+    model = _peft_model(base, "description")
+    prompt = data.prompt(e2e.records("test")[156].mr)
+    tie = "Green Man is a place in the riverside area near The Sorrento. It has a customer rating of 3 out of 5. It is not kid friendly."  # noqa: E501
+    assert _is_tie(model, tokenizer, prompt, tie, 64)
+    assert not _is_tie(model, tokenizer, prompt, "Green Man is a great find. I liked the food.", 64)

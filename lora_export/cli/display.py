@@ -129,3 +129,42 @@ def demo_summary(result) -> None:
         f"folder: {result.folder} (one graph, adapters per row)\n"
         f"ONNX Runtime vs PyTorch texts: {verdict}"
     )
+
+
+def task_table(report) -> None:
+    """`verify --task`: per adapter, the folder's scores over PyTorch + PEFT's on the same items."""
+    rows = []
+    for c in report.comparisons:
+        ok = c.passed(report.mode, report.tolerance)
+        for label, s in (("deployment", c.deployment), ("PyTorch + PEFT", c.reference)):
+            rows.append([c.adapter or "(none)", label, f"{s.bleu:.1f}", f"{s.rouge_l:.1f}", f"{s.meteor:.1f}", s.n])
+        d = c.deltas()
+        verdict = "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+        rows.append(
+            [
+                "",
+                f"difference: {c.same_text}/{c.n} same text" + (f", {len(c.ties)} tie(s)" if c.ties else ""),
+                f"{d['bleu']:+.1f}",
+                f"{d['rouge_l']:+.1f}",
+                f"{d['meteor']:+.1f}",
+                verdict,
+            ]
+        )
+        if c.first_difference and not ok:
+            f = c.first_difference
+            err.print(f"{c.adapter or '(none)'}: item {f['item']}: deployment {f['deployment']!r}")
+            err.print(f"{' ' * len(c.adapter or '(none)')}  item {f['item']}: PEFT       {f['reference']!r}")
+    variant = report.comparisons[0].reference.meteor_variant if report.comparisons else ""
+    quant = f", {report.quantization} base" if report.quantization else ""
+    table(
+        f"task {report.task} ({report.split}): {report.folder} ({report.layout}{quant}, {report.dtype})",
+        ["adapter", "row", "BLEU", "ROUGE-L", f"METEOR ({variant})", "items"],
+        rows,
+        caption=f"{report.mode}: " + _criterion(report) + f"; {report.seconds:.0f} s",
+    )
+
+
+def _criterion(report) -> str:
+    if report.mode == "exact":
+        return "text equal to PEFT's (or a float32 tie in PEFT's logits)"
+    return f"|score difference| <= {report.tolerance:g}"

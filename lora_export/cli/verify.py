@@ -78,6 +78,22 @@ def sweep_shapes(shapes: str | None, batches: str | None, seqs: str | None) -> l
 @click.option(
     "--new-tokens", type=click.IntRange(1), default=16, show_default=True, help="Decoder folders: tokens per prompt."
 )
+@click.option(
+    "--task",
+    type=click.Choice(["e2e"]),
+    default=None,
+    help="Score the decoder folder --onnx on the trained sample's task (model sample:e2e): BLEU / ROUGE-L / "
+    "METEOR per adapter next to PyTorch + PEFT on the same items (at most 64 new tokens, greedy).",
+)
+@click.option("--split", type=click.Choice(["dev", "test"]), default=None, help="--task: the data split [test].")
+@click.option("--limit", type=click.IntRange(1), default=None, help="--task: score the first N items only.")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(0),
+    default=None,
+    help="--task: score points (0-100) a quantized or fp16 folder may differ from PEFT [1.0]; "
+    "an fp32 folder must generate PEFT's text exactly.",
+)
 @json_option
 @nonfinite_option
 def verify(
@@ -98,6 +114,10 @@ def verify(
     oracle,
     save_inputs,
     new_tokens,
+    task,
+    split,
+    limit,
+    tolerance,
     json_path,
     allow_nonfinite,
 ):
@@ -108,7 +128,16 @@ def verify(
     come from --onnx).
     Exit code 0 when every output on every input set is within tolerance and the adapter visibly changes
     the outputs, 1 otherwise; 3 when TensorRT or a GPU is missing.
+
+    With --task e2e: task scores of a decoder folder of sample:e2e vs PyTorch + PEFT; exit 1 when an fp32
+    folder's text differs from PEFT's, or a quantized folder's score differs by more than --tolerance.
     """
+    if task is not None:
+        return _verify_task(model, onnx_path, task, split, limit, tolerance, adapters, json_path)
+    given = [flag for flag, v in (("--split", split), ("--limit", limit), ("--tolerance", tolerance)) if v is not None]
+    if given:
+        need = "needs" if len(given) == 1 else "need"
+        raise UserError(f"{', '.join(given)} {need} --task: add --task e2e (and --onnx DECODER_FOLDER)")
     if onnx_path is not None and Path(onnx_path).is_dir():
         return _verify_decoder(model, onnx_path, adapters, atol, seeds, shapes, new_tokens, json_path, allow_nonfinite)
     candidate = candidate or ("trt" if engine_path else "ort")
@@ -165,3 +194,36 @@ def _verify_decoder(model, folder, adapters, atol, seeds, shapes, new_tokens, js
     )
     write_json_report(json_path, report.to_dict())
     finish_generation_report(report)
+
+
+def _verify_task(model, folder, task, split, limit, tolerance, adapters, json_path) -> None:
+    """--task: the folder's task scores next to PyTorch + PEFT's on the same items."""
+    if folder is None:
+        raise UserError(f"--task {task} scores a decoder folder: pass --onnx FOLDER (written by export-decoder)")
+    with display.Steps() as steps:
+        report = api.verify_task(
+            model,
+            folder,
+            task=task,
+            split=split or "test",
+            limit=limit,
+            adapters=list(adapters),
+            tolerance=tolerance,
+            progress=steps,
+        )
+    write_json_report(json_path, report.to_dict())
+    display.task_table(report)
+    if not report.passed:
+        display.err.print("[red]task check failed[/red]")
+        raise click.exceptions.Exit(1)
+    display.out.print(f"[green]verified[/green]: {report.mode} ({_criterion(report)})")
+
+
+def _criterion(report) -> str:
+    if report.mode == "exact":
+        return "the same text as PyTorch + PEFT on every item" + (", ties excepted" if _ties(report) else "")
+    return f"every score within {report.tolerance:g} points of PyTorch + PEFT"
+
+
+def _ties(report) -> int:
+    return sum(len(c.ties) for c in report.comparisons)

@@ -26,6 +26,7 @@ class TaskRow:
     adapter: str  # "" for the base model
     scores: TaskScores
     outputs: list[str] = field(repr=False, default_factory=list)
+    items: list[int] | None = field(repr=False, default=None)  # indices into the split when not all of it
 
     def to_dict(self) -> dict:
         return {"deployment": self.deployment, "adapter": self.adapter, **self.scores.to_dict()}
@@ -138,13 +139,16 @@ def onnx_generator(
     return run
 
 
-def markdown_table(rows: Sequence[TaskRow]) -> str:
+def markdown_table(rows: Sequence[TaskRow], same_text: Sequence[str] | None = None) -> str:
+    """The task table; `same_text` adds a column (one entry per row, e.g. "200/200" texts equal to PEFT's)."""
     variant = rows[0].scores.meteor_variant if rows else ""
     head = f"| deployment | adapter | BLEU | ROUGE-L | METEOR ({variant}) | items |"
-    lines = [head, "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
+    rule = "|---|---|---:|---:|---:|---:|"
+    if same_text is not None:
+        head, rule = head + " same text as PEFT |", rule + "---:|"
+    lines = [head, rule]
+    for k, r in enumerate(rows):
         s = r.scores
-        lines.append(
-            f"| {r.deployment} | {r.adapter or '(none)'} | {s.bleu:.1f} | {s.rouge_l:.1f} | {s.meteor:.1f} | {s.n} |"
-        )
+        line = f"| {r.deployment} | {r.adapter or '(none)'} | {s.bleu:.1f} | {s.rouge_l:.1f} | {s.meteor:.1f} | {s.n} |"
+        lines.append(line + (f" {same_text[k]} |" if same_text is not None else ""))
     return "\n".join(lines)
