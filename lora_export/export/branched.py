@@ -39,6 +39,7 @@ from lora_export.errors import AdapterError, UserError
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
+from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton
 from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
@@ -144,8 +145,9 @@ def export_branched(
     force: bool = False,
     batch: int = 2,
     seq: int = 16,
+    on_write: OnWrite | None = None,
 ) -> ExportResult:
-    out = check_output_path(out, force)
+    """Export with LoRA slots for `adapters`' modules (or `targets`); weights streamed as in `export_merged`."""
     adapters = list(adapters)
     paths = resolve_targets(loaded, adapters, targets)
     slots = lora_slots(loaded, paths, layout)
@@ -160,12 +162,17 @@ def export_branched(
         extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
     else:
         raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
-    work = loaded.copy(dtype=torch_dtype)
+    work, plan = export_skeleton(loaded, torch_dtype)
+    lora_bytes = sum(e.default.numel() * e.default.element_size() for e in extra if e.default is not None)
+    check_disk_space(Path(out), plan.weight_bytes(work.module) + lora_bytes)
+    out = check_output_path(out, force)
     feed = BranchFeed(layout)
     attach_feed(work.module, paths, feed)
-    model = trace_mod.trace(work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype)
+    model = trace_mod.trace(
+        work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype, weights=plan
+    )
     table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype)
     manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
-    files = trace_mod.save(model, out)
+    files = trace_mod.save(model, out, on_write=on_write)
     write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)
