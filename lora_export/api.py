@@ -192,9 +192,9 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
     if path.suffix == ".onnx":
         return inspection.inspect_onnx(path)
     if not text.startswith(("sample:", "py:")) and (path.is_file() or (path / "adapter_config.json").exists()):
-        base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
+        base = sum(p.numel() for p in as_model(base_model, lazy=True).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
-    loaded = as_model(text)
+    loaded = as_model(text, lazy=True)  # shapes only: weights stay on disk
     return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
 
 
@@ -209,7 +209,7 @@ def make_adapter(
     use_rslora: bool = False,
     force: bool = False,
 ) -> Adapter:
-    loaded = as_model(model)
+    loaded = as_model(model, lazy=True)  # shapes only
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
