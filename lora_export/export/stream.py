@@ -91,11 +91,7 @@ class StreamPlan:
         if isinstance(planned.source, torch.Tensor):
             return planned.source.detach().to(planned.dtype).contiguous()
         tensor = self.source.read(planned.source)
-        if tuple(tensor.shape) != planned.shape:
-            raise UserError(
-                f"checkpoint tensor {planned.source} has shape {tuple(tensor.shape)}, the model expects "
-                f"{planned.shape}: the weights do not belong to this config"
-            )
+        _check_shape(planned.source, tuple(tensor.shape), planned.shape)
         tensor = tensor.to(planned.dtype)
         if planned.merge is not None:
             lora, in_out, path = planned.merge
@@ -139,12 +135,21 @@ def export_skeleton(
             raise UserError(
                 f"{loaded.source}: the checkpoint has no tensor {aliases[0]}: is it a checkpoint of this model?"
             )
+        _check_shape(found, source.shape(found), tuple(t.shape))
         plan.tensors[id(t)] = Planned(found, t.dtype, tuple(t.shape))
     work = copy.copy(loaded)
     work.module = module.eval()
     work.checkpoint = None
     work.rebuild = None
     return work, plan
+
+
+def _check_shape(name: str, stored: tuple[int, ...] | None, expected: tuple[int, ...]) -> None:
+    if stored is not None and stored != expected:
+        raise UserError(
+            f"checkpoint tensor {name} has shape {stored}, the model expects {expected}: "
+            "the weights do not belong to this config"
+        )
 
 
 def plan_merge(work: LoadedModel, plan: StreamPlan, adapter: Adapter) -> list[str]:

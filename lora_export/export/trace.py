@@ -249,7 +249,13 @@ def save(model: ir.Model, path: str | os.PathLike, *, on_write: OnWrite | None =
 
     try:
         data_name = f"{path.name}.data" if external else None
-        ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress if on_write else None)
+        try:
+            ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress if on_write else None)
+        except Exception as e:  # a weight read while saving refused (UserError): the serializer wraps it
+            cause = _user_error_in(e)
+            if cause is None:
+                raise
+            raise cause from None
         if on_write is not None:
             on_write(size, size, "")
         written = []
@@ -259,3 +265,13 @@ def save(model: ir.Model, path: str | os.PathLike, *, on_write: OnWrite | None =
         return written
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _user_error_in(e: BaseException) -> UserError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

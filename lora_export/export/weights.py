@@ -35,6 +35,10 @@ class WeightSource:
     def keys(self) -> set[str]:
         raise NotImplementedError
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of `name` without reading it (None: not known before the read)."""
+        return None
+
     def read(self, name: str) -> torch.Tensor:
         """The tensor `name` as a CPU tensor in its stored dtype."""
         self.reads[name] += 1
@@ -85,32 +89,70 @@ class SafetensorsWeights(WeightSource):
         super().__init__()
         self.directory = Path(directory)
         self._file_of = checkpoint_files(self.directory)
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         if self._file_of is None:
             raise UserError(f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}: save the model with safetensors")
 
     def keys(self) -> set[str]:
         return set(self._file_of)
 
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """From the file headers (read once, a few KB each)."""
+        if self._shapes is None:
+            self._shapes = {}
+            for file in sorted(set(self._file_of.values())):
+                self._shapes.update(_header(file))
+        return self._shapes.get(name)
+
     def _read(self, name: str) -> torch.Tensor:
         return read_tensor(self._file_of[name], name)
 
 
 def checkpoint_files(directory: Path) -> dict[str, Path] | None:
-    """`{tensor name: file}` of a safetensors checkpoint directory (single file or sharded), else None."""
-    from safetensors import safe_open
+    """`{tensor name: file}` of a safetensors checkpoint directory (single file or sharded), else None.
 
+    Every file's header is read now (a few KB each), so a missing, truncated or mismatched shard is refused
+    before any work rather than halfway through writing a graph."""
     index = directory / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+            files = {name: directory / file for name, file in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{index} is not a safetensors index ({e}): re-save the model") from None
-        return {name: directory / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            missing = sorted(n for n, f in files.items() if f == file and n not in _header_names(file))
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UserError(
+                    f"{file} lacks {missing[0]}{more} that {INDEX_FILE} places there: the checkpoint is "
+                    "incomplete, re-save it"
+                )
+        return files
     single = directory / SINGLE_FILE
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        return dict.fromkeys(_header_names(single), single)
     return None
+
+
+def _header_names(path: Path) -> set[str]:
+    return set(_header(path))
+
+
+def _header(path: Path) -> dict[str, tuple[int, ...]]:
+    """`{tensor name: shape}` from a safetensors file's header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError for a missing file
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, e: Exception) -> UserError:
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    return UserError(f"cannot read {path} ({first}): the checkpoint file is damaged or missing, re-save the model")
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
@@ -119,8 +161,11 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt", backend="pread") as f:
-            return f.get_tensor(name)
-    except TypeError:  # pragma: no cover - older safetensors
-        with safe_open(str(path), framework="pt") as f:
-            return f.get_tensor(name).clone()
+        try:
+            with safe_open(str(path), framework="pt", backend="pread") as f:
+                return f.get_tensor(name)
+        except TypeError:  # pragma: no cover - older safetensors
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name).clone()
+    except Exception as e:  # the file changed or broke since its header was checked
+        raise _damaged(path, e) from None
