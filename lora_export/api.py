@@ -3,6 +3,7 @@
 from lora_export import api
 result = api.merge_and_export("sample:gpt2", "my_adapter/", "out.onnx")
 report = api.verify("sample:gpt2", "out.onnx", adapters=["my_adapter/"])
+report = api.verify_task("sample:e2e", "e2e_folder/", split="test", limit=50)   # task scores vs PEFT
 
 The CLI commands parse their options, call these functions and display what they return; the orchestration
 (load -> export -> verify, which adapters verify a graph, the demo) lives here once. Slow functions take
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
@@ -35,6 +36,11 @@ from lora_export.export.merged import ExportResult
 from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.verify.parity import ParityReport
+
+if TYPE_CHECKING:
+    from lora_export.export.decoder import DecoderExport
+    from lora_export.verify.generation import GenerationReport
+    from lora_export.verify.task_check import TaskReport
 
 ModelLike = str | LoadedModel
 AdapterLike = str | Path | Adapter
@@ -76,6 +82,19 @@ def verifying_adapters(layout: str, adapters: list[Adapter]) -> list[Adapter]:
     return list(adapters) if layout == BANK else list(adapters[:1])
 
 
+def one_adapter(adapter: AdapterLike | list[AdapterLike] | tuple | None) -> AdapterLike | None:
+    """The one adapter of a merged export: None, an adapter, or a list holding at most one."""
+    if not isinstance(adapter, (list, tuple)):
+        return adapter
+    if len(adapter) > 1:
+        names = " ".join(f"--adapter {a.name if isinstance(a, Adapter) else a}" for a in adapter)
+        raise UserError(
+            f"merge-and-export folds one adapter into the weights, got {len(adapter)} ({names}): export each "
+            "separately, or keep them side by side in one graph with export-branched --layout bank"
+        )
+    return adapter[0] if adapter else None
+
+
 @dataclass
 class ExportOutcome:
     export: ExportResult
@@ -92,11 +111,14 @@ def merge_and_export(
     progress: Progress | None = None,
     **export_kwargs,
 ) -> ExportOutcome:
-    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch."""
+    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch.
+    `adapter` may be a list (the CLI's repeatable --adapter) of at most one: a merged graph holds one adapter,
+    so a second one is refused, never silently dropped."""
     from lora_export.export.merged import export_merged
     from lora_export.verify.check import verify_graph
 
     _check_verifiable(export_kwargs.get("dtype", "fp32"), verify)
+    adapter = one_adapter(adapter)
     with _step(progress, _loading(model)):
         loaded = as_model(model, lazy=True)
         ad = as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter is not None else None
@@ -169,6 +191,8 @@ def optimize(
     Runtime CPU: `report["bench"]` holds the stats by graph and `ratio_after_before`."""
     from lora_export.passes.pipeline import optimize_file
 
+    if bench and Path(graph).is_dir():
+        raise UserError("--bench times single graphs: time decoder folders with `generate` or tools/benchmarks.py")
     with _step(progress, "optimizing"):
         report = optimize_file(graph, out, **optimize_kwargs)
     if bench:
@@ -185,7 +209,6 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
     """What `target` is and holds: a graph (`.onnx`), an adapter (PEFT dir or adapter file; `base_model` adds
     the trainable fraction), or a model (its LoRA-capable layers and default targets)."""
     from lora_export import inspection
-    from lora_export.adapters.spec import DEFAULT_TARGETS
 
     path = Path(target)
     text = str(target)
@@ -195,7 +218,9 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
         base = sum(p.numel() for p in as_model(base_model, lazy=True).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
     loaded = as_model(text, lazy=True)  # shapes only: weights stay on disk
-    return inspection.inspect_model(loaded.module, loaded.arch, loaded.source, DEFAULT_TARGETS.get(loaded.arch))
+    return inspection.inspect_model(
+        loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch, loaded.module)
+    )
 
 
 def make_adapter(
@@ -209,12 +234,17 @@ def make_adapter(
     use_rslora: bool = False,
     force: bool = False,
 ) -> Adapter:
+    from lora_export.adapters.validate import check_finite_alpha
+
+    alpha = check_finite_alpha(alpha, "--alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise UserError(f"--r {r!r}: the rank must be a positive integer")
     loaded = as_model(model, lazy=True)  # shapes only
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if not targets:
-        targets = default_targets(loaded.arch)
+        targets = default_targets(loaded.arch, module=loaded.module)
     spec = LoraSpec(
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets if isinstance(targets, str) else list(targets)
     )
@@ -293,31 +323,97 @@ def refit(
         return refit_engine(plan, ad, **refit_kwargs)
 
 
+def demo(out_dir: str | Path = "lora-export-demo", *, items: int = 40, progress: Progress | None = None):
+    """The trained sample and its two adapters, exported as one bank decoder folder under `out_dir` (which the
+    demo owns: a rerun replaces it): the base model and each adapter generate for the same meaning
+    representation in one batch, PyTorch generates the same, and each row is scored on `items` test items."""
+    from lora_export.demo import run_demo
+
+    return run_demo(out_dir, items=items, step=lambda label: _step(progress, label))
+
+
 @dataclass
-class DemoResult:
-    adapter: Adapter
-    export: ExportResult
-    report: ParityReport
-    base_parameters: int
+class DecoderOutcome:
+    export: DecoderExport
+    report: GenerationReport | None
 
 
-def demo(out_dir: str | Path = "lora-export-demo", *, force: bool = False, progress: Progress | None = None):
-    """Sample GPT-2 + a random PEFT adapter -> merged ONNX -> verified, all written under `out_dir`."""
-    from lora_export.export.merged import export_merged
-    from lora_export.verify.check import verify_graph
+def export_decoder(
+    model: ModelLike,
+    out: str | Path,
+    *,
+    adapters: list[AdapterLike] = (),
+    layout: str = "merged",
+    verify: bool = True,
+    progress: Progress | None = None,
+    **export_kwargs,
+) -> DecoderOutcome:
+    """A decoder folder (KV-cache graph, genai_config.json, adapters, tokenizer); `verify` checks greedy tokens
+    against transformers generate (a bank folder with a batch whose rows are each adapter and no adapter)."""
+    from lora_export.export.decoder import export_decoder as _export
 
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} exists and is not empty: pass --force or choose --output-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    with _step(progress, "building sample:gpt2"):
-        loaded = as_model("sample:gpt2")
-    with _step(progress, "writing a random PEFT adapter (r=8, alpha=16, c_attn)"):
-        make_adapter(loaded, out / "adapter", r=8, alpha=16, force=True)
-        adapter = as_adapter(out / "adapter")
-    with _step(progress, "merging and exporting"):
-        result = export_merged(loaded, adapter, out / "gpt2_merged.onnx", force=True)
-    with _step(progress, "verifying ONNX Runtime vs PyTorch"):
-        report = verify_graph(loaded, result.path, [adapter])
-    params = sum(p.numel() for p in loaded.module.parameters())
-    return DemoResult(adapter, result, report, params)
+    with _step(progress, _loading(model)):
+        loaded = as_model(model)
+        ads = [as_adapter(a) for a in adapters]
+    with _step(progress, f"exporting the decoder ({layout})"):
+        result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
+    report = None
+    if verify:
+        rows = len(ads) + 1 if layout == BANK else 2
+        with _step(progress, "checking greedy generation against transformers"):
+            report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)])
+    return DecoderOutcome(result, report)
+
+
+def verify_generation(
+    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), allow_nonfinite: bool = False, **kwargs
+) -> GenerationReport:
+    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model; `kwargs` go to
+    `verify.generation.verify_generation` (new_tokens, shapes, seeds, atol)."""
+    from lora_export.verify.generation import verify_generation as _verify
+
+    ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
+    return _verify(as_model(model), folder, ads, **kwargs)
+
+
+def verify_task(
+    model: ModelLike,
+    folder: str | Path,
+    *,
+    task: str = "e2e",
+    progress: Progress | None = None,
+    **kwargs,
+) -> TaskReport:
+    """Task scores (BLEU, ROUGE-L, METEOR) of a decoder folder of the trained sample next to PyTorch + PEFT on
+    the same items, per adapter of the folder; `kwargs` go to `verify.task_check.verify_task` (split, limit,
+    adapters, tolerance, max_new_tokens, threads). `report.passed`: the same text as PEFT (fp32), or every
+    score within `tolerance` points (quantized / fp16 folders)."""
+    from lora_export.verify.task_check import verify_task as _verify
+
+    name = model if isinstance(model, str) else model.source
+    return _verify(name, folder, task=task, step=lambda label: _step(progress, label), **kwargs)
+
+
+def serve(
+    folder: str | Path,
+    *,
+    adapters: dict[str, str | Path] | None = None,
+    on_ready: Callable[[str, list[str]], None] | None = None,
+    stop: Any = None,
+    **options: Any,
+) -> None:
+    """Serve a decoder folder with the OpenAI-compatible API on Ray Serve until Ctrl-C / SIGTERM (or until the
+    `threading.Event` `stop` is set); `options` are `serving.ServeConfig` fields (port, replicas,
+    max_batch_size, batch_wait_ms, address, api_key, ...). Nothing this started is left running."""
+    from lora_export.serving import ServeConfig
+    from lora_export.serving import serve as run_server
+
+    config = ServeConfig(str(folder), {k: str(v) for k, v in (adapters or {}).items()}, **options)
+    run_server(config, on_ready=on_ready, stop=stop)
+
+
+def _defaults_or_none(arch: str, module=None) -> list[str] | None:
+    try:
+        return default_targets(arch, module=module)
+    except UserError:
+        return None

@@ -26,3 +26,13 @@ class MissingDependencyError(UserError):
     """An optional dependency (TensorRT, a GPU) is not available."""
 
     exit_code = 3
+
+
+def named(kind: str, name: object) -> str:
+    """`adapter legal`, but just `adapter` when the name says no more than the kind (a folder named `adapter`):
+    messages never read `adapter adapter targets ...`."""
+    text = str(name)
+    last = text.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if not text or last.lower() in (kind.lower(), f"{kind.lower()}s"):
+        return f"{kind} {text}" if "/" in text.rstrip("/") else kind
+    return f"{kind} {text}"

@@ -18,9 +18,22 @@ def inspect_adapter(adapter: Adapter, base_parameters: int | None = None) -> dic
             "in": m.in_features,
             "out": m.out_features,
             "scaling": round(m.scaling, 6),
-            "parameters": m.A.numel() + m.B.numel(),
+            "kind": "dora" if m.is_dora else "embedding" if m.embedding else "lora",
+            "parameters": sum(t.numel() for t in m.tensors().values()),
         }
         for p, m in sorted(adapter.modules.items())
+    ]
+    rows += [
+        {
+            "module": p,
+            "r": "",
+            "in": "",
+            "out": "",
+            "scaling": "",
+            "kind": "modules_to_save",
+            "parameters": sum(t.numel() for t in params.values()),
+        }
+        for p, params in sorted(adapter.saved.items())
     ]
     info = {"kind": "adapter", **adapter.summary(), "table": rows}
     if base_parameters:

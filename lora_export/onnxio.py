@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_export.contract import GraphManifest, SlotTable
+from lora_export.contract import SLOTS_METADATA, GraphManifest, SlotTable
 from lora_export.errors import UserError
 from lora_export.fileio import manifest_path, read_json, write_json
 
@@ -38,14 +38,16 @@ def proto_dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def slots_of_proto(model) -> SlotTable:
-    """The LoRA slots of an `onnx.ModelProto`."""
-    return SlotTable.from_inputs((i.name, proto_dims(i), i.type.tensor_type.elem_type) for i in model.graph.input)
+def slots_of_proto(model, base=None) -> SlotTable:
+    """The LoRA slots of an `onnx.ModelProto` (`base`: where to read its base weights, see InitializerReader)."""
+    meta = {p.key: p.value for p in model.metadata_props}.get(SLOTS_METADATA)
+    values = ((i.name, proto_dims(i), i.type.tensor_type.elem_type) for i in model.graph.input)
+    return SlotTable.from_inputs(values, meta, base)
 
 
 def read_slots(path: str | Path) -> SlotTable:
-    """The LoRA slots of the graph at `path` (its header only)."""
-    return slots_of_proto(load_onnx_header(path))
+    """The LoRA slots of the graph at `path` (its header; base weights are read from the file when needed)."""
+    return slots_of_proto(load_onnx_header(path), InitializerReader(path))
 
 
 def ir_dims(value) -> list:
@@ -54,8 +56,16 @@ def ir_dims(value) -> list:
 
 
 def slots_of_ir(model) -> SlotTable:
-    """The LoRA slots of an `onnx_ir.Model`."""
-    return SlotTable.from_inputs((v.name, ir_dims(v), v.dtype) for v in model.graph.inputs if v.dtype is not None)
+    """The LoRA slots of an `onnx_ir.Model` (its initializers serve as the base weights)."""
+
+    def base(name: str):
+        value = model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise UserError(f"the graph has no initializer {name!r}: it does not hold that base weight")
+        return value.const_value.numpy()
+
+    values = ((v.name, ir_dims(v), v.dtype) for v in model.graph.inputs if v.dtype is not None)
+    return SlotTable.from_inputs(values, model.metadata_props.get(SLOTS_METADATA), base)
 
 
 def value_info(value) -> dict[str, Any]:
@@ -79,3 +89,23 @@ def write_manifest(graph: str | Path, manifest: GraphManifest) -> Path:
     path = manifest_path(graph)
     write_json(path, manifest.to_dict())
     return path
+
+
+class InitializerReader:
+    """A graph's initializers by name, read on first use (DoRA scales and bank rows of `modules_to_save` need the
+    base weights); a `contract.BaseWeights`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._model = None
+
+    def __call__(self, name: str):
+        import numpy as np
+        import onnx_ir as ir
+
+        if self._model is None:
+            self._model = ir.load(str(self.path))
+        value = self._model.graph.initializers.get(name)
+        if value is None or value.const_value is None:
+            raise UserError(f"{self.path} has no initializer {name!r}: the graph does not hold that base weight")
+        return np.asarray(value.const_value.numpy())

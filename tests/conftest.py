@@ -76,3 +76,20 @@ def make_random_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rs
         r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets or DEFAULT_TARGETS[loaded.arch], **spec_kw
     )
     return random_adapter(loaded.module, spec, seed=seed, name=name or f"r{r}_s{seed}")
+
+
+@pytest.fixture(scope="session")
+def decoders(tmp_path_factory, sample_cache):
+    """Decoder folders and their PEFT oracles, made once per session (see decoder_setup.py)."""
+    from decoder_setup import DecoderSetup
+
+    return DecoderSetup(tmp_path_factory.mktemp("decoders"), sample_cache)
+
+
+@pytest.fixture(scope="session")
+def serve_decoder(tmp_path_factory):
+    """A bank decoder folder of sample:gpt2 with four packed adapters, a fifth as a PEFT dir, a tokenizer, and the
+    offline generator over it (built once: the serving tests share it)."""
+    from serve_oracle import make_decoder
+
+    return make_decoder(tmp_path_factory.mktemp("serve_decoder"), adapters=5)

@@ -13,12 +13,12 @@ def fill_lora(peft_model, seed: int, adapter_name: str | None = None, b_std: flo
     """PEFT starts B at zero (a test with B = 0 proves nothing): give A and B seeded random values."""
     g = torch.Generator().manual_seed(seed)
     for name, p in peft_model.named_parameters():
-        if adapter_name is not None and f".{adapter_name}." not in name:
+        if adapter_name is not None and f".{adapter_name}." not in f"{name}.":
             continue
-        if "lora_B" in name:
+        if "lora_B" in name or "lora_embedding_B" in name:
             p.data = torch.randn(p.shape, generator=g) * b_std
-        elif "lora_A" in name:
-            p.data = torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5
+        elif "lora_A" in name or "lora_embedding_A" in name:
+            p.data = torch.randn(p.shape, generator=g) / (p.shape[1] ** 0.5 if "embedding" not in name else 1.0)
 
 
 def build_peft(loaded, seed: int = 0, adapter_name: str = "default", **config):
@@ -30,6 +30,14 @@ def build_peft(loaded, seed: int = 0, adapter_name: str = "default", **config):
     pm = get_peft_model(base, cfg, adapter_name=adapter_name)
     fill_lora(pm, seed, adapter_name)
     return pm.eval()
+
+
+def move_dora_magnitudes(pm, name: str, seed: int) -> None:
+    """PEFT starts DoRA's magnitude m at ||W0|| (scale 1 before training): move it, as training does."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in pm.named_parameters():
+        if f"lora_magnitude_vector.{name}" in n:
+            p.data = p.data * (1 + 0.3 * torch.randn(p.shape, generator=g))
 
 
 def add_peft_adapter(pm, name: str, seed: int, **config) -> None:

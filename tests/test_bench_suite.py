@@ -33,6 +33,11 @@ def test_quick_suite_measures_every_goal(tmp_path):
         "pack-adapter",
         "naive route per adapter: re-export + new session",
         "optimized / plain branched graph",
+        "fused fp32 / plain fp32, decode ms/token",
+        "int8 base / fp32, prefill 1x128",
+        "int4 base / fp32, decode ms/token",
+        "branched+adapter on int8 / merged int8, decode ms/token",
+        "greedy-token agreement int8 vs fp32 over 6 tokens",
     ):
         assert expected in metrics, (expected, metrics)
     measured = {g.metric.split(" (")[0]: g for g in suite.goals}

@@ -171,7 +171,7 @@ def test_unsupported_peft_field_is_named(adapter_dir, tmp_path):
     config["use_dora"] = True
     (bad / "adapter_config.json").write_text(json.dumps(config))
     result = run("merge-and-export", "sample:gpt2", "--adapter", bad, "-o", tmp_path / "o.onnx", ok=False)
-    assert_one_line_error(result, r"use_dora=True is not supported")
+    assert_one_line_error(result, r"use_dora is set but .* has no lora_magnitude_vector")
 
 
 def test_output_exists_refused_unless_force(adapter_dir, tmp_path):
@@ -205,10 +205,18 @@ def test_bad_tolerance_syntax(adapter_dir, tmp_path):
     assert_one_line_error(result, r"--atol 'logits:abc': expected NAME:NUMBER")
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = run("demo", "-o", tmp_path / "demo")
-    assert "PASSED" in result.output
-    assert (tmp_path / "demo" / "gpt2_merged.onnx").exists() and (tmp_path / "demo" / "adapter").is_dir()
+def test_demo_runs_twice_and_owns_its_folder(tmp_path):
+    first = run("demo", "-o", tmp_path / "demo", "--items", "8")
+    assert "description" in first.output and "review" in first.output and "(no adapter)" in first.output
+    assert "identical" in first.output and "BLEU" in first.output
+    assert (tmp_path / "demo" / "e2e_bank" / "model.onnx").exists()
+    again = run("demo", "-o", tmp_path / "demo", "--items", "8")  # the demo's own folder: replaced
+    assert again.output.split("input")[1] == first.output.split("input")[1]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert_one_line_error(run("demo", "-o", mine, ok=False), "not written by the demo")
+    assert (mine / "notes.txt").read_text() == "keep"
 
 
 def test_python_dash_m_and_help():

@@ -32,9 +32,10 @@ def test_outputs_are_readable_by_other_users(adapter_dir, tmp_path):
     "edit, pattern",
     [
         (lambda cfg: [cfg], r"expected a JSON object"),
-        (lambda cfg: {**cfg, "r": "four"}, r"a field has the wrong type"),
+        (lambda cfg: {**cfg, "r": "four"}, r"r='four' is a str, not an integer"),
         (lambda cfg: {**cfg, "peft_type": "IA3"}, r"peft_type is 'IA3'; only LORA"),
-        (lambda cfg: {**cfg, "modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\] is not supported"),
+        (lambda cfg: {**cfg, "lora_bias": True}, r"lora_bias=True is not supported \(only False\)"),
+        (lambda cfg: {**cfg, "modules_to_save": 3}, r"modules_to_save must be a list of module names"),
     ],
 )
 def test_malformed_adapter_config(adapter_dir, tmp_path, edit, pattern):

@@ -24,6 +24,7 @@ ratios beside them. Exports, sessions and packing happen outside the timed regio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import sys
@@ -108,6 +109,35 @@ def _optimizer():
     return optimize_file, ""
 
 
+def _sibling(name: str):
+    """Another script of tools/ as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lora_tools_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_generation(args, suite: Suite, loaded, adapters, work: Path) -> None:
+    """Issue 9's rows: decoder folders (merged / inputs / bank) generating, vs PyTorch, GenAI and the old path."""
+    gb = _sibling("bench_generation")
+    folders = gb.export_folders(loaded, adapters, work)
+    bench = gb.measure_generation(
+        folders,
+        loaded,
+        [a.name for a in adapters],
+        prompt_len=args.gen_prompt,
+        new_tokens=args.gen_tokens,
+        rounds=args.gen_rounds,
+        threads=args.threads,
+    )
+    suite.latency += bench.rows
+    suite.notes += bench.notes
+    for g in bench.goals:
+        suite.goals.append(Goal(g["metric"], 9, g["goal"], g["measured"], g["unit"], g["limit"], detail=g["detail"]))
+    suite.settings["generation"] = bench.settings
+
+
 def run_suite(args) -> Suite:
     from lora_export.adapters.pack import pack_adapter
     from lora_export.adapters.spec import LoraSpec
@@ -127,12 +157,29 @@ def run_suite(args) -> Suite:
     seq, big_batch = args.seq, args.bank_batch
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora_benchmarks_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.sections == "speed":
+        _speed_section(suite, args, work)
+        suite.settings = {
+            "warmup": args.warmup,
+            "iters": args.speed_iters,
+            "bank_iters": "-",
+            "bank_batch": "-",
+            "input_sets": 3,
+            "threads": thread_settings(args.threads),
+            "lora": "r=8, alpha=16 on c_attn, one random adapter x (seed 0, B non-zero)",
+            "sections": "speed",
+        }
+        return suite
 
     log(f"loading {args.model}")
     loaded, suite.timings["load model s"] = _timed(lambda: load_model(args.model))
     spec = LoraSpec(r=8, alpha=16, target_modules=["c_attn"])
     adapters = [random_adapter(loaded.module, spec, seed=i, name=f"adapter{i}") for i in range(4)]
     x = adapters[0]
+    if args.only == "generation":
+        run_generation(args, suite, loaded, adapters, work)
+        suite.settings.update(threads=thread_settings(args.threads), lora="r=8, alpha=16, c_attn, 4 random adapters")
+        return suite
 
     # -- exports (outside timing); the merged one is also the "merge-and-export" and naive-route timing ------
     log("merge-and-export (adapter folded, traced, saved)")
@@ -407,7 +454,13 @@ def run_suite(args) -> Suite:
             Goal("optimized merged graph speedup over PyTorch eager", 4, ">= 3x", None, detail="passes not available")
         )
 
+    if args.generation:
+        run_generation(args, suite, loaded, adapters, work)
+    else:
+        suite.notes.append("generation rows (issue 9) skipped (--quick or --no-generation): tools/bench_generation.py")
+
     suite.settings = {
+        **suite.settings,
         "seq": seq,
         "bank_batch": big_batch,
         "warmup": args.warmup,
@@ -419,7 +472,17 @@ def run_suite(args) -> Suite:
         "lora": "r=8, alpha=16, c_attn, 4 random adapters (seeds 0-3, B non-zero)",
         "order": "shuffle (interleaved, seeded)",
     }
+    if args.sections == "all":
+        _speed_section(suite, args, work)
     return suite
+
+
+def _speed_section(suite: Suite, args, work: Path) -> None:
+    """Issue 11: fused and int8/int4 decoder folders, prefill and decode ms/token (tools/bench_speed.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_speed import run_speed
+
+    run_speed(suite, args, work, log, Goal)
 
 
 def _fmt(v: float | None, unit: str) -> str:
@@ -432,6 +495,21 @@ def _fmt(v: float | None, unit: str) -> str:
     if unit == "s":
         return f"{v:.2f} s"
     return f"{v:g}"
+
+
+def _generation_line(gen: dict | None) -> list[str]:
+    if not gen:
+        return [""]
+    return [
+        "",
+        f"Generation (issue 9): decoder folders of the same model (merged: adapter0; inputs and bank: all four), "
+        f"fp32, a {gen['prompt']}-token prompt, {gen['new_tokens']} new tokens, greedy, eos ignored; each call is a "
+        f"whole generation, {gen['rounds']} interleaved rounds after {gen['warmup']} warm-up (the old path "
+        f"{gen['old_path_rounds']}), a mark at every token: TTFT = prefill + first token, ms/token pooled over the "
+        f"rest; ratios are of ms/token medians, paired = median of per-round ratios. ONNX Runtime threads: "
+        f"{gen['threads']}.",
+        "",
+    ]
 
 
 def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
@@ -458,7 +536,7 @@ def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
         f"{suite.settings.get('input_sets')} rotating input sets; inputs prepared outside timing); ratios are of "
         "medians, the paired value is the median of per-round ratios. Threads: "
         f"{json.dumps(suite.settings.get('threads'))}.",
-        "",
+        *_generation_line(suite.settings.get("generation")),
         "## Goals",
         "",
         "| issue | metric | goal | measured | status | detail |",
@@ -506,6 +584,20 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="Intra-op threads (default: the libraries' own).")
     p.add_argument("--workdir", default=None, help="Keep exported graphs here (default: a temp dir).")
+    p.add_argument(
+        "--sections", choices=["all", "core", "speed"], default="all", help="core: issues 2-4; speed: issue 11."
+    )
+    p.add_argument("--speed-iters", type=int, default=None, help="speed: interleaved prefill rounds.")
+    p.add_argument("--speed-reps", type=int, default=None, help="speed: greedy generations timed per decoder.")
+    p.add_argument("--speed-new-tokens", type=int, default=None, help="speed: tokens per generation (default 128).")
+    p.add_argument(
+        "--generation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Decoder generation rows (default: on, off with --quick).",
+    )
+    p.add_argument("--only", choices=["generation"], default=None, help="Run only this group.")
+    p.add_argument("--gen-rounds", type=int, default=None, help="Interleaved rounds of whole generations.")
     args = p.parse_args(argv)
     q = args.quick
     args.model = args.model or ("sample:gpt2" if q else "sample:gpt2-small")
@@ -517,6 +609,12 @@ def parse_args(argv: list[str] | None = None):
     args.input_sets = 2 if q else 3
     args.switch_iters = 50 if q else 1000
     args.pack_iters = 3 if q else 10
+    args.speed_iters = args.speed_iters or (2 if q else 15)
+    args.speed_reps = args.speed_reps or (1 if q else 2)
+    args.speed_new_tokens = args.speed_new_tokens or (6 if q else 128)
+    args.generation = (not q) if args.generation is None else args.generation
+    args.gen_prompt, args.gen_tokens = (8, 8) if q else (32, 128)
+    args.gen_rounds = args.gen_rounds or (2 if q else 5)
     if args.out is None and not q:
         args.out = str(ROOT / "BENCHMARKS.md")
     return args

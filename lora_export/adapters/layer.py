@@ -1,6 +1,7 @@
-"""The export-friendly LoRA layer: `base(x) + s·B(A(x))` around `nn.Linear`, GPT-2 `Conv1D` or `nn.Conv2d`.
+"""The export-friendly LoRA layer: `base(x) + s·B(A(x))` around `nn.Linear`, GPT-2 `Conv1D`, `nn.Conv2d` or
+`nn.Embedding` (A's rows gathered by token id, then B), and DoRA's `g * (W0·x + s·B·A·x) + bias`.
 
-One wrapper, three sources for A and B:
+One wrapper, three sources for A and B (and DoRA's g):
 - a resident `ModuleLora` (the PyTorch reference, PEFT's unmerged semantics);
 - a `BranchFeed` filled by the export wrapper, so A and B become graph inputs (branched export);
 - the same feed in bank mode, where per-row adapters are selected by a rank-slot mask.
@@ -9,12 +10,14 @@ Merging folds `s·B·A` into the base weight in float32 and refuses non-finite r
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_export.adapters.adapter import ModuleLora
-from lora_export.contract import INPUTS, bank_names, weight_names
+from lora_export.contract import BANK_KIND, INPUTS, bank_names, dora_name, weight_names
 from lora_export.errors import AdapterError
 
 
@@ -24,65 +27,109 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def supported_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) or is_conv1d(module)
+
+
+def stores_in_out(module: nn.Module) -> bool:
+    """Whether the layer's weight is stored `[in, out]` (Conv1D; nn.Embedding `[num_embeddings, dim]`)."""
+    return is_conv1d(module) or isinstance(module, nn.Embedding)
 
 
 def layer_dims(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a supported layer."""
+    """(in_features, out_features) of a supported layer (an embedding: (num_embeddings, embedding_dim))."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, nn.Conv2d):
         return module.in_channels, module.out_channels
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
     if is_conv1d(module):
         return int(module.weight.shape[0]), int(module.weight.shape[1])
     raise TypeError(f"unsupported layer type {type(module).__name__}")
 
 
+def _dora(y: torch.Tensor, branch: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """DoRA: `g * (W0·x + s·B·A·x) + bias` from `y = W0·x + bias`; g broadcasts over y's channels."""
+    if bias is None:
+        return g * (y + branch)
+    return g * (y - bias + branch) + bias
+
+
 class BranchFeed:
     """LoRA tensors for the current forward, filled by the export wrapper (graph inputs when traced).
 
-    inputs layout: `tensors` holds `weight_names(P)`: A `[in, r]`, B `[r, out]` (s folded).
-    bank layout:   `tensors` holds `bank_names(P)`: A `[N, in, R]`, B `[N, R, out]`, and
-                   `slot_mask` `[batch, N*R]` (1 where the slot belongs to the row's adapter).
+    inputs layout: `tensors` holds `weight_names(P)`: A `[in, r]`, B `[r, out]` (s folded), and `dora_name(P)`
+                   `[out]` for DoRA slots.
+    bank layout:   `tensors` holds `bank_names(P)`: A `[N, in, R]`, B `[N, R, out]`, `dora_name(P, "bank")`
+                   `[N, out]` for DoRA slots; `slot_mask` `[batch, N*R]` (1 where the slot belongs to the row's
+                   adapter) and `index` `[batch]` (the row's adapter, -1 = none).
     """
 
     def __init__(self, layout: str = INPUTS):
         self.layout = layout
         self.tensors: dict[str, torch.Tensor] = {}
         self.slot_mask: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
 
-    def branch(self, path: str, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, path: str, x: torch.Tensor, embedding: bool = False) -> torch.Tensor:
+        lookup = F.embedding if embedding else torch.matmul  # embedding: x holds token ids
         if self.layout == INPUTS:
             a_name, b_name = weight_names(path)
-            return (x @ self.tensors[a_name]) @ self.tensors[b_name]  # (B, T, r) -> (B, T, out)
+            return lookup(x, self.tensors[a_name]) @ self.tensors[b_name]  # (B, T, r) -> (B, T, out)
         a_name, b_name = bank_names(path)
         a_bank, b_bank = self.tensors[a_name], self.tensors[b_name]  # (N, in, R), (N, R, out)
         n, d_in, rank = a_bank.shape
         a_cat = a_bank.permute(1, 0, 2).reshape(d_in, n * rank)  # (in, N*R)
         b_cat = b_bank.reshape(n * rank, b_bank.shape[-1])  # (N*R, out)
-        h = x @ a_cat  # (B, T, N*R)
+        h = lookup(x, a_cat)  # (B, T, N*R)
         mask = self.slot_mask.reshape(self.slot_mask.shape[0], *([1] * (h.dim() - 2)), -1)
         return (h * mask) @ b_cat  # other adapters' rank slots zeroed per row
 
+    def dora_scale(self, path: str, like: torch.Tensor) -> torch.Tensor | None:
+        """DoRA's g for this forward, shaped to broadcast over `like` (B, ..., out); None for a slot without."""
+        if self.layout == INPUTS:
+            return self.tensors.get(dora_name(path))
+        g_bank = self.tensors.get(dora_name(path, BANK_KIND))  # (N, out)
+        if g_bank is None:
+            return None
+        rows = self.row_onehot(g_bank.shape[0], g_bank.dtype)  # (B, N)
+        g = 1 + rows @ (g_bank - 1)  # (B, out): ones for rows without an adapter or with a plain LoRA one
+        return g.reshape(g.shape[0], *([1] * (like.dim() - 2)), g.shape[-1])
+
+    def row_onehot(self, n, dtype: torch.dtype) -> torch.Tensor:
+        """`[batch, N]`: 1 at each row's adapter; all zeros for -1 (no adapter)."""
+        return (torch.arange(n, device=self.index.device).unsqueeze(0) == self.index.unsqueeze(1)).to(dtype)
+
 
 class LoraLayer(nn.Module):
-    """Wraps a Linear / Conv1D / Conv2d; `base_layer` keeps the original weights."""
+    """Wraps a Linear / Conv1D / Conv2d / Embedding; `base_layer` keeps the original weights."""
 
     def __init__(self, base_layer: nn.Module, path: str):
         super().__init__()
         if not supported_layer(base_layer):
-            raise TypeError(f"{path}: LoRA supports nn.Linear, Conv1D and nn.Conv2d, not {type(base_layer).__name__}")
+            raise TypeError(
+                f"{path}: LoRA supports nn.Linear, Conv1D, nn.Conv2d and nn.Embedding, not {type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self.path = path
         self.lora: ModuleLora | None = None
+        self.dora_g: torch.Tensor | None = None  # the resident adapter's DoRA factor, computed once
         self.feed: BranchFeed | None = None
         self.enabled = True
 
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.base_layer, nn.Embedding)
+
     def set_lora(self, lora: ModuleLora | None) -> None:
-        """Make `lora` the resident adapter (device and dtype of the base weight)."""
+        """Make `lora` the resident adapter (device of the base weight); DoRA's g is computed here, once."""
+        self.dora_g = None
         if lora is not None:
             w = self.base_layer.weight
-            lora = ModuleLora(A=lora.A.to(w.device), B=lora.B.to(w.device), scaling=lora.scaling)
+            lora = dataclasses.replace(lora, A=lora.A.to(w.device), B=lora.B.to(w.device))
+            if lora.is_dora:
+                w0 = w.detach().T if stores_in_out(self.base_layer) else w.detach()
+                self.dora_g = lora.dora_factor(w0)
         self.lora = lora
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,30 +137,49 @@ class LoraLayer(nn.Module):
         if not self.enabled:
             return y
         if self.feed is not None:
-            return y + self.feed.branch(self.path, x.to(y.dtype)).to(y.dtype)
+            x_in = x if self.is_embedding else x.to(y.dtype)
+            branch = self.feed.branch(self.path, x_in, self.is_embedding).to(y.dtype)
+            g = self.feed.dora_scale(self.path, y)
+            return y + branch if g is None else _dora(y, branch, g.to(y.dtype), self._bias(y))
         if self.lora is None:
             return y
-        return y + self._resident_branch(x)
+        branch = self._resident_branch(x, y.dtype)
+        if self.dora_g is None:
+            return y + branch
+        g = self.dora_g.to(y.dtype)
+        if isinstance(self.base_layer, nn.Conv2d):
+            g = g.view(1, -1, *([1] * (y.dim() - 2)))
+        return _dora(y, branch, g, self._bias(y))
 
-    def _resident_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _bias(self, y: torch.Tensor) -> torch.Tensor | None:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return None
+        if isinstance(self.base_layer, nn.Conv2d):
+            return bias.to(y.dtype).view(1, -1, *([1] * (y.dim() - 2)))
+        return bias.to(y.dtype)
+
+    def _resident_branch(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         lora, base = self.lora, self.base_layer
-        a, b = lora.A.to(x.dtype), lora.B.to(x.dtype)
+        a, b = lora.A.to(dtype), lora.B.to(dtype)
         if isinstance(base, nn.Conv2d):
             h = F.conv2d(x, a, stride=base.stride, padding=base.padding, dilation=base.dilation)
             return F.conv2d(h, b) * lora.scaling
+        if isinstance(base, nn.Embedding):
+            return F.embedding(x, a.T) @ b.T * lora.scaling  # PEFT: embedding(x, A.T) @ B.T * scaling
         return F.linear(F.linear(x, a), b) * lora.scaling  # PEFT: lora_B(lora_A(x)) * scaling
 
 
 def merged_weight(base: nn.Module, lora: ModuleLora, *, allow_nonfinite: bool = False, path: str = "") -> torch.Tensor:
     """`W0 + s·B·A` computed in float32, cast back to the base dtype; refuses non-finite results."""
     w0 = base.weight.detach()
-    return merged_tensor(w0, lora, in_out=is_conv1d(base), allow_nonfinite=allow_nonfinite, path=path)
+    return merged_tensor(w0, lora, in_out=stores_in_out(base), allow_nonfinite=allow_nonfinite, path=path)
 
 
 def merged_tensor(
     w0: torch.Tensor, lora: ModuleLora, *, in_out: bool = False, allow_nonfinite: bool = False, path: str = ""
 ) -> torch.Tensor:
-    """`merged_weight` on a weight tensor (`in_out`: stored `[in, out]`, as GPT-2's Conv1D)."""
+    """`merged_weight` on a weight tensor (`in_out`: stored `[in, out]`, as GPT-2's Conv1D and nn.Embedding)."""
     merged = lora.merged_with(w0, in_out=in_out, where=path)
     if not allow_nonfinite and not torch.isfinite(merged).all():
         raise AdapterError(

@@ -1,8 +1,8 @@
 """Write an adapter in the ONNX name-contract layout: `.onnx_adapter` (ORT AdapterFormat), `.safetensors`, `.npz`.
 
-Names are the contract's `weight_names(P)`, A `[in, r]` and B `[r, out]` with the scaling folded into B,
-exactly the branched graph's LoRA inputs, so ONNX Runtime's `RunOptions.add_active_adapter` can apply the
-file with no code of ours at run time.
+Names are the contract's `weight_names(P)`, A `[in, r]` and B `[r, out]` with the scaling folded into B, plus
+DoRA scales `dora_name(P)` and `modules_to_save` parameters `saved_name(M, p)`: exactly the branched graph's
+inputs, so ONNX Runtime's `RunOptions.add_active_adapter` can apply the file with no code of ours at run time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.contract import INPUTS, numpy_dtype
+from lora_export.contract import INPUTS, dtype_name, numpy_dtype
 from lora_export.errors import UserError
 from lora_export.fileio import atomic_path
 
@@ -63,10 +63,10 @@ def pack_adapter(
             raise UserError(f"{graph} is a {slots.layout} graph; packed adapters are for inputs-layout graphs")
         slots.check_adapter(adapter)
         graph_dtype = slots.dtype
-        if dtype is not None and dtype != graph_dtype:
+        if dtype is not None and dtype_name(dtype) != graph_dtype:
             raise UserError(
                 f"--dtype {dtype} does not match {graph}'s {graph_dtype} LoRA inputs (ONNX Runtime would refuse it): "
                 f"use --dtype {graph_dtype}"
             )
-        dtype = graph_dtype
+        return write_packed(slots.adapter_feeds(adapter), out)  # DoRA scales use the graph's base weights
     return write_packed(packed_tensors(adapter, dtype or "fp32"), out)

@@ -9,7 +9,8 @@ from typing import Any
 
 from lora_export.errors import UserError
 
-# Default targets per architecture, as PEFT's defaults: the paper's Wq, Wv.
+# Default targets for architectures PEFT has none for (its `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`
+# comes first when PEFT is installed), and PEFT's own for the common ones so they hold without it: the paper's Wq, Wv.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["c_attn"],
     "llama": ["q_proj", "v_proj"],
@@ -19,15 +20,42 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "t5": ["q", "v"],
     "opt": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],  # fused q/k/v
+    "distilbert": ["q_lin", "v_lin"],
 }
+# Otherwise the first of these whose layers the model has (the query/value projections under their usual names).
+COMMON_TARGETS = (["q_proj", "v_proj"], ["query", "value"], ["q_lin", "v_lin"], ["qkv_proj"], ["c_attn"])
 
 
-def default_targets(arch: str, fix: str = "pass --targets NAMES") -> list[str]:
-    """The architecture's default target modules; for an architecture without defaults, a one-line error
-    that ends with `fix` (what the caller's user can pass instead)."""
-    if arch not in DEFAULT_TARGETS:
+def peft_default_targets() -> dict[str, list[str]]:
+    """PEFT's default LoRA targets per `model_type`, or {} when PEFT is not installed (it is optional)."""
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+    except ImportError:
+        return {}
+    return {k: list(v) for k, v in mapping.items() if v}
+
+
+def default_targets(arch: str, fix: str = "pass --targets NAMES", module=None) -> list[str]:
+    """The architecture's default target modules: PEFT's, else ours, else (given the model `module`) the first
+    common query/value naming its layers use. For none, a one-line error that ends with `fix` (what the
+    caller's user can pass instead)."""
+    targets = peft_default_targets().get(arch) or DEFAULT_TARGETS.get(arch)
+    if not targets and module is not None:
+        leaves = {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if type(m).__name__ == "Linear"}
+        targets = next((t for t in COMMON_TARGETS if set(t) <= leaves), None)
+    if not targets:
         raise UserError(f"no default LoRA targets for {arch!r}: {fix}")
-    return list(DEFAULT_TARGETS[arch])
+    return list(targets)
+
+
+ALL_LINEAR = "all-linear"
+
+
+def is_all_linear(targets: list[str] | str) -> bool:
+    """PEFT's `target_modules="all-linear"` shorthand (also as the only item of a list, as `--targets` gives it)."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    return len(items) == 1 and isinstance(items[0], str) and items[0].lower() == ALL_LINEAR
 
 
 def pattern_key(patterns: dict[str, Any], path: str) -> str | None:
@@ -72,7 +100,7 @@ class LoraSpec:
 
     def matches(self, path: str) -> bool:
         """Whether module `path` is a target, following PEFT's `check_target_module_exists`."""
-        if self._excluded(path):
+        if self.excludes(path):
             return False
         targets = self.target_modules
         if isinstance(targets, str):
@@ -83,7 +111,8 @@ class LoraSpec:
             return False
         return self._layer_selected(path)
 
-    def _excluded(self, path: str) -> bool:
+    def excludes(self, path: str) -> bool:
+        """Whether `exclude_modules` leaves module `path` out."""
         ex = self.exclude_modules
         if not ex:
             return False

@@ -25,8 +25,12 @@ def random_adapter(
             kh, kw = layer.kernel_size
             a = torch.randn(r, d_in, kh, kw, generator=g) / (d_in * kh * kw) ** 0.5
             b = torch.randn(d_out, r, 1, 1, generator=g) * b_std
+        elif isinstance(layer, nn.Embedding):  # A's columns are looked up by token id: unit scale, as PEFT's B
+            a = torch.randn(r, d_in, generator=g)  # lora_embedding_A [r, num_embeddings]
+            b = torch.randn(d_out, r, generator=g) * b_std  # lora_embedding_B [dim, r]
         else:
             a = torch.randn(r, d_in, generator=g) / d_in**0.5  # PEFT layout [r, in]
             b = torch.randn(d_out, r, generator=g) * b_std  # [out, r], non-zero
-        modules[path] = ModuleLora(A=a, B=b, scaling=spec.scaling_for(path, r))
+        embedding = isinstance(layer, nn.Embedding)
+        modules[path] = ModuleLora(A=a, B=b, scaling=spec.scaling_for(path, r), embedding=embedding)
     return Adapter(spec=spec, modules=modules, name=name, source=f"random(seed={seed})")

@@ -12,7 +12,17 @@ from lora_export.cli.app import cli
 
 
 def _register() -> None:
-    from lora_export.cli import adapters, bench, engine, export, inspect, optimize, verify  # noqa: F401
+    from lora_export.cli import (  # noqa: F401
+        adapters,
+        bench,
+        engine,
+        export,
+        generate,
+        inspect,
+        optimize,
+        serve,
+        verify,
+    )
 
 
 _register()

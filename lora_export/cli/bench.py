@@ -78,7 +78,7 @@ def bench(
 
         lora-export bench sample:gpt2-small --backends torch,ort --modes base,merged,branched,bank --batch 1,8
     """
-    from lora_export.fileio import atomic_path
+    from lora_export.fileio import atomic_path, probe_writable
     from lora_export.verify.bench import BenchConfig
     from lora_export.verify.report import TABLE_COLUMNS, machine_line, table_rows, to_markdown
 
@@ -97,6 +97,8 @@ def bench(
         device=device,
     )
     config.check()
+    for path in (json_path, md_path, plot_path):  # reports that cannot be written fail now, not after the run
+        probe_writable(path)
     with display.progress_bars() as progress:
         report = api.bench(
             model,

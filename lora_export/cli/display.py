@@ -68,12 +68,13 @@ def parity_table(report) -> None:
                     o.mean_abs,
                     o.cosine,
                     o.top1_agreement,
+                    f"{o.atol:.2g}" + (f" + {o.rtol:.2g}·|ref|" if o.rtol else ""),
                     "[green]pass[/green]" if o.passed else f"[red]FAIL[/red] {o.reason}",
                 ]
             )
     table(
         f"parity: {report.candidate} vs {report.reference}",
-        ["inputs", "output", "max abs", "max rel", "mean abs", "cosine", "top-1", "result"],
+        ["inputs", "output", "max abs", "max rel", "mean abs", "cosine", "top-1", "tolerance", "result"],
         rows,
     )
     for name, check in report.checks.items():
@@ -104,3 +105,72 @@ def progress_bars():
 
     with bars:
         yield update
+
+
+def demo_summary(result) -> None:
+    """What `lora-export demo` shows: one input, three rows of one batch, then the task scores."""
+    from rich.markup import escape
+
+    out.print(f"\n[bold]input[/bold] (a meaning representation from the test split):\n  {escape(result.mr)}\n")
+    for label, text in result.texts.items():
+        torch_text = result.torch_texts.get(label)
+        same = "" if torch_text == text else f"  [red]PyTorch: {escape(str(torch_text))}[/red]"
+        out.print(f"[bold]{escape(label)}[/bold]\n  {escape(text) or '(nothing)'}{same}")
+    first = next(iter(result.scores.values()), None)
+    variant = f" ({first.meteor_variant})" if first else ""
+    rows = [
+        [escape(label), f"{s.bleu:.1f}", f"{s.rouge_l:.1f}", f"{s.meteor:.1f}"] for label, s in result.scores.items()
+    ]
+    n = first.n if first else 0
+    table(
+        f"task scores on {n} test items (ONNX Runtime, greedy)",
+        ["row", "BLEU", "ROUGE-L", f"METEOR{variant}"],
+        rows,
+        caption="the base model is scored against the description references",
+    )
+    verdict = "[green]identical[/green]" if result.matches_torch else "[red]DIFFERENT[/red]"
+    out.print(
+        f"model: {result.parameters:,} parameters; each adapter {result.lora_parameters:,} LoRA parameters "
+        f"({100 * result.lora_parameters / max(1, result.parameters):.1f}%)\n"
+        f"folder: {result.folder} (one graph, adapters per row)\n"
+        f"ONNX Runtime vs PyTorch texts: {verdict}"
+    )
+
+
+def task_table(report) -> None:
+    """`verify --task`: per adapter, the folder's scores over PyTorch + PEFT's on the same items."""
+    rows = []
+    for c in report.comparisons:
+        ok = c.passed(report.mode, report.tolerance)
+        for label, s in (("deployment", c.deployment), ("PyTorch + PEFT", c.reference)):
+            rows.append([c.adapter or "(none)", label, f"{s.bleu:.1f}", f"{s.rouge_l:.1f}", f"{s.meteor:.1f}", s.n])
+        d = c.deltas()
+        verdict = "[green]pass[/green]" if ok else "[red]FAIL[/red]"
+        rows.append(
+            [
+                "",
+                f"difference: {c.same_text}/{c.n} same text" + (f", {len(c.ties)} tie(s)" if c.ties else ""),
+                f"{d['bleu']:+.1f}",
+                f"{d['rouge_l']:+.1f}",
+                f"{d['meteor']:+.1f}",
+                verdict,
+            ]
+        )
+        if c.first_difference and not ok:
+            f = c.first_difference
+            err.print(f"{c.adapter or '(none)'}: item {f['item']}: deployment {f['deployment']!r}")
+            err.print(f"{' ' * len(c.adapter or '(none)')}  item {f['item']}: PEFT       {f['reference']!r}")
+    variant = report.comparisons[0].reference.meteor_variant if report.comparisons else ""
+    quant = f", {report.quantization} base" if report.quantization else ""
+    table(
+        f"task {report.task} ({report.split}): {report.folder} ({report.layout}{quant}, {report.dtype})",
+        ["adapter", "row", "BLEU", "ROUGE-L", f"METEOR ({variant})", "items"],
+        rows,
+        caption=f"{report.mode}: " + _criterion(report) + f"; {report.seconds:.0f} s",
+    )
+
+
+def _criterion(report) -> str:
+    if report.mode == "exact":
+        return "text equal to PEFT's (or a float32 tie in PEFT's logits)"
+    return f"|score difference| <= {report.tolerance:g}"

@@ -22,8 +22,9 @@ from lora_export.cli.options import (
 @click.option(
     "--adapter",
     "adapter",
-    required=False,
-    help="PEFT adapter directory (or adapter file). Without it, the plain base model is exported.",
+    multiple=True,
+    help="PEFT adapter directory (or adapter file). Without it, the plain base model is exported. "
+    "One adapter: a merged graph holds one.",
 )
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 @export_options
@@ -35,7 +36,7 @@ def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len
     """Fold the adapter into the weights (W0 + s·B·A, fp32) and export ONNX; then verify it."""
     outcome = api.merge_and_export(
         model,
-        adapter or None,
+        list(adapter),
         output,
         verify=not no_verify,
         allow_nonfinite=allow_nonfinite,
@@ -78,13 +79,39 @@ def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len
     default=None,
     help="bank: largest adapter rank (default max(16, ranks of the given adapters)).",
 )
+@click.option(
+    "--dora",
+    is_flag=True,
+    help="Give every slot a DoRA scale input (automatic when an --adapter uses DoRA), so DoRA adapters load later.",
+)
+@click.option(
+    "--modules-to-save",
+    "modules_to_save",
+    default=None,
+    help="Comma-separated modules (e.g. classifier) whose parameters become adapter inputs, as PEFT's "
+    "modules_to_save (automatic for the --adapter's own).",
+)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
 @export_options
 @shape_options
 @click.option("--no-verify", is_flag=True)
 @progress_steps
 def export_branched(
-    model, adapters, targets, layout, max_rank, output, opset, dtype, force, batch, seq_len, no_verify, steps
+    model,
+    adapters,
+    targets,
+    layout,
+    max_rank,
+    dora,
+    modules_to_save,
+    output,
+    opset,
+    dtype,
+    force,
+    batch,
+    seq_len,
+    no_verify,
+    steps,
 ):
     """Export with the LoRA side branch kept in the graph: swap adapters at run time, or mix them per row."""
     outcome = api.export_branched(
@@ -101,6 +128,8 @@ def export_branched(
         force=force,
         batch=batch,
         seq=seq_len,
+        dora=dora,
+        saved_modules=[m.strip() for m in modules_to_save.split(",") if m.strip()] if modules_to_save else None,
     )
     result = outcome.export
     display.out.print(f"wrote {result.path}: {len(result.manifest.lora_modules)} LoRA slots, layout {layout}")
@@ -117,22 +146,20 @@ def _finish(report) -> None:
 
 @cli.command("demo")
 @click.option(
-    "-o", "--output-dir", "out_dir", default="lora-export-demo", show_default=True, type=click.Path(file_okay=False)
+    "-o",
+    "--output-dir",
+    "out_dir",
+    default="lora-export-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="The demo's folder; a rerun replaces it (a non-empty folder the demo did not write is refused).",
 )
-@click.option("--force", is_flag=True, help="Reuse the output directory if it exists.")
+@click.option("--items", type=click.IntRange(1, 200), default=40, show_default=True, help="Test items scored per row.")
 @progress_steps
-def demo(out_dir, force, steps):
-    """Sample GPT-2 + a sample adapter -> merged ONNX -> verified, with a short summary."""
-    result = api.demo(out_dir, force=force, progress=steps)
-    report, adapter, graph = result.report, result.adapter, result.export.path
-    display.parity_table(report)
-    params = result.base_parameters
-    display.out.print(
-        f"\nadapter: {len(adapter.modules)} modules, {adapter.num_parameters():,} LoRA parameters "
-        f"({100 * adapter.num_parameters() / params:.2f}% of {params:,})\n"
-        f"graph:   {graph} ({graph.stat().st_size / 1e6:.1f} MB), manifest {graph}.json\n"
-        f"parity:  worst max abs error {max(report.worst().values()):.2e}, "
-        f"{'PASSED' if report.passed else 'FAILED'}"
-    )
-    if not report.passed:
+def demo(out_dir, items, steps):
+    """The trained sample (tiny GPT-2, synthetic restaurant data) and its two LoRA adapters as one ONNX bank
+    folder: base model and both adapters generate for the same input, checked against PyTorch, then scored."""
+    result = api.demo(out_dir, items=items, progress=steps)
+    display.demo_summary(result)
+    if not result.matches_torch:
         raise click.exceptions.Exit(1)

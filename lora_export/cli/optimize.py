@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from lora_export import api
@@ -11,8 +13,10 @@ from lora_export.cli.options import json_option, progress_steps, write_json_repo
 
 
 @cli.command("optimize")
-@click.argument("graph", metavar="IN.onnx", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.argument("graph", metavar="IN.onnx|FOLDER", type=click.Path())
+@click.option(
+    "-o", "--output", "output", required=True, type=click.Path(), help="Output .onnx path (a folder for a folder)."
+)
 @click.option(
     "--bake",
     default=None,
@@ -30,7 +34,25 @@ from lora_export.cli.options import json_option, progress_steps, write_json_repo
     is_flag=True,
     help="One x·A MatMul for LoRA branches reading the same input (q/v); off by default (no faster on ORT CPU).",
 )
-@click.option("--report", "show_report", is_flag=True, help="Print ops by type before/after and initializer bytes.")
+@click.option(
+    "--fuse",
+    default="none",
+    show_default=True,
+    metavar="GROUPS",
+    help="ONNX Runtime fusions on onnxscript's rewriter, LoRA branches untouched: all, none, or a comma list of "
+    "norm, rotary, attention, gelu.",
+)
+@click.option(
+    "--quantize",
+    default=None,
+    metavar="SCHEME",
+    help="Quantize the base weights, LoRA branches stay float32: int8 (dynamic, per channel), int8-block or "
+    "int4 (weight-only MatMulNBits).",
+)
+@click.option(
+    "--block-size", type=int, default=None, help="--quantize int4/int8-block: input rows per scale [default: 32]."
+)
+@click.option("--report", "show_report", is_flag=True, help="Print ops by type, fusions and quantization before/after.")
 @click.option("--bench", is_flag=True, help="Also time the graph before/after (ONNX Runtime CPU).")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="--bench batch size.")
 @click.option("--seq-len", "seq_len", type=click.IntRange(1), default=128, show_default=True, help="--bench length.")
@@ -45,6 +67,9 @@ def optimize(
     fp16,
     target,
     fuse_siblings,
+    fuse,
+    quantize,
+    block_size,
     show_report,
     bench,
     batch,
@@ -61,7 +86,10 @@ def optimize(
       lora-export optimize branched.onnx -o branched.opt.onnx --report --bench
       lora-export optimize branched.onnx -o merged.onnx --bake my.onnx_adapter
       lora-export optimize branched.onnx -o branched.fp16.onnx --fp16 --target ort
+      lora-export optimize branched.onnx -o branched.int8.onnx --quantize int8 --fuse all --report
+      lora-export optimize decoder/ -o decoder-int4/ --quantize int4 --block-size 32
     """
+    folder = Path(graph).is_dir()
     report = api.optimize(
         graph,
         output,
@@ -75,11 +103,14 @@ def optimize(
         force=force,
         fuse_siblings=fuse_siblings,
         allow_nonfinite=allow_nonfinite,
+        fuse=fuse,
+        quantize=quantize,
+        block_size=block_size,
     )
     b, a = report["before"], report["after"]
+    wrote = f"{output}/" if folder else f"{output} (+ {click.format_filename(output)}.json)"
     display.out.print(
-        f"wrote {output} (+ {click.format_filename(output)}.json): {b['nodes']} -> {a['nodes']} nodes, "
-        f"LoRA inputs {b['lora_inputs']} -> {a['lora_inputs']}"
+        f"wrote {wrote}: {b['nodes']} -> {a['nodes']} nodes, LoRA inputs {b['lora_inputs']} -> {a['lora_inputs']}"
     )
     for note in report["notes"]:
         display.out.print(f"note: {note}")
@@ -119,3 +150,21 @@ def _print_report(report: dict) -> None:
         ["pass", "modified", "seconds"],
         [[p["pass"], p["modified"], p["seconds"]] for p in report["passes"]],
     )
+    if report.get("fusions") is not None:
+        rows = [[name, count] for name, count in report["fusions"].items()] or [["(nothing matched)", 0]]
+        display.table("fusions (TransformerFusionPass)", ["fused", "count"], rows)
+    q = report.get("quantization")
+    if q:
+        display.table(
+            "quantization (QuantizeBasePass)",
+            ["", ""],
+            [
+                ["scheme", q["scheme"] + (f", block size {q['block_size']}" if q.get("block_size") else "")],
+                ["method", q["method"]],
+                ["MatMuls quantized", q["nodes_quantized"]],
+                ["weights quantized", len(q["weights_quantized"])],
+                ["LoRA nodes (branches + joins) kept float32", q["lora_nodes_kept_float"]],
+                ["quantized ops", ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())],
+                ["initializer bytes", f"{q['initializer_bytes']['before']} -> {q['initializer_bytes']['after']}"],
+            ],
+        )

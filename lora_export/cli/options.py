@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import click
 
@@ -107,9 +106,9 @@ def parse_ints(value: str, flag: str) -> list[int]:
 
 def write_json_report(path: str | None, data: dict) -> None:
     if path:
-        from lora_export.fileio import write_json
+        from lora_export.fileio import probe_writable, write_json
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        probe_writable(path)
         write_json(path, data)
 
 

@@ -64,6 +64,10 @@ class BuildPlan:
 def plan_build(onnx_path: Path, options: BuildOptions, version: tuple[int, ...]) -> BuildPlan:
     graph_manifest = _graph_manifest(onnx_path)
     model = onnx.load(str(onnx_path))
+    if options.refit:
+        from lora_export.passes.quantize import refuse_quantized
+
+        refuse_quantized(model, "build-engine --refit")
     prepared = prepare_graph(model, graph_manifest, lora_as=options.lora_as, lora_rank=options.lora_rank)
     profiles = resolve_profiles(prepared.inputs, options.shapes)
     precision = precision_of(prepared.model)
@@ -263,6 +267,9 @@ def _base_graph_entry(onnx_path: Path, kind: str, base: Path | None) -> dict | N
         base = Path(base)
         if not base.exists():
             raise UserError(f"--base {base} does not exist")
+        from lora_export.passes.quantize import refuse_quantized
+
+        refuse_quantized(onnx.load(str(base), load_external_data=False), "a TensorRT refit (--base)")
         return {"path": str(base.resolve()), "sha256": sha256_file(base)}
     if kind in ("base", "branched-inputs"):  # the graph itself holds the base weights
         return {"path": str(onnx_path.resolve()), "sha256": sha256_file(onnx_path)}

@@ -56,7 +56,20 @@ def _load_graph_weights(entry: dict | None, what: str, override: Path | None = N
         raise UserError(f"{what} {path} not found: pass --base BASE.onnx")
     if override is None and entry and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
         raise UserError(f"{what} {path} changed since the engine was built (sha256 differs): pass --base explicitly")
-    return GraphWeights(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    from lora_export.passes.quantize import refuse_quantized
+
+    refuse_quantized(model, "refit")
+    return GraphWeights(model)
+
+
+def _source_if_present(entry: dict | None) -> GraphWeights | None:
+    """The engine's source graph when it is still there unchanged (it is optional once a base graph is known)."""
+    if not entry or not Path(entry["path"]).exists():
+        return None
+    if entry.get("sha256") and sha256_file(entry["path"]) != entry["sha256"]:
+        return None
+    return GraphWeights(onnx.load(str(entry["path"])))
 
 
 def make_refit_plan(
@@ -77,10 +90,11 @@ def make_refit_plan(
             "or rebuild with build-engine --lora-as weights --refit"
         )
     weights = _load_graph_weights(manifest.base_graph, "base graph", base)
+    source = _source_if_present(manifest.source)  # the graph TensorRT saw: where a tie would show
     if previous is None:  # merged graph built without --base: find what its adapter changed
-        source = _load_graph_weights(manifest.source, "source graph")
+        source = source or _load_graph_weights(manifest.source, "source graph")
         previous = changed_weights(source, weights)
-    return merged_refit_plan(weights, adapter, previous), weights
+    return merged_refit_plan(weights, adapter, previous, engine=source), weights
 
 
 def apply_refit(trt, engine, logger, plan: RefitPlan, supply: Callable[[str], np.ndarray | None]) -> float:

@@ -27,6 +27,7 @@ import torch
 from onnx import numpy_helper
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.ties import other_readers
 from lora_export.contract import INPUTS, Slot, SlotTable, weight_names
 from lora_export.errors import AdapterError, UserError
 
@@ -82,6 +83,8 @@ def weight_layout(weights: GraphWeights, name: str) -> str:
     layouts = set()
     for node, k in weights.consumers(name):
         op = node.op_type
+        if op == "Gather" and k == 0:  # the same tensor as an embedding table (tied): not this layer's read
+            continue
         if op == "Transpose" and list(_attr(node, "perm", [1, 0])) == [1, 0]:
             layouts.add("out_in")
         elif op == "Gemm" and k == 1:
@@ -101,11 +104,29 @@ def weight_layout(weights: GraphWeights, name: str) -> str:
     )
 
 
-def merged_refit_plan(base: GraphWeights, adapter: Adapter | None, previous: set[str] | list[str] | None) -> RefitPlan:
+def check_untied(engine: GraphWeights, name: str, path: str) -> None:
+    """A refit replaces a weight everywhere the engine reads it: refuse one that another kind of node also reads
+    (an `lm_head` tied to the input embeddings), which must keep its base value (`ties.other_readers`)."""
+    tied = other_readers((node.op_type, k) for node, k in engine.consumers(name))
+    if tied:
+        raise UserError(
+            f"cannot refit {path}: the engine's graph reads its weight {name} in {', '.join(tied)} too (tied, e.g. "
+            "the input embeddings), which must keep the base value; build the engine from a graph where "
+            f"{path} has its own weight (a merge-and-export of an adapter on {path}, or export-branched)"
+        )
+
+
+def merged_refit_plan(
+    base: GraphWeights,
+    adapter: Adapter | None,
+    previous: set[str] | list[str] | None,
+    engine: GraphWeights | None = None,
+) -> RefitPlan:
     """Values for a merged engine: `W0 + s·B·A` for the adapter's modules, `W0` for weights to restore.
 
     `base` holds the base model's weights (a base export, or a merged export's untouched initializers);
-    `adapter=None` means "back to the base model".
+    `engine` is the graph the engine was built from (default: `base`), where no adapted weight may be tied to
+    another use; `adapter=None` means "back to the base model".
     """
     values: dict[str, np.ndarray] = {}
     adapted = []
@@ -113,6 +134,7 @@ def merged_refit_plan(base: GraphWeights, adapter: Adapter | None, previous: set
         name = f"{path}.weight"
         if name not in base:
             raise AdapterError(f"adapter module {path}: the graph has no initializer {name}")
+        check_untied(engine or base, name, path)
         w0 = base.array(name)
         layout = weight_layout(base, name)
         where = f"adapter module {path} ({name}, {layout})"

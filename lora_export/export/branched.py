@@ -11,36 +11,56 @@ Layout `bank`: one graph for a batch whose rows use different adapters. Inputs `
 concatenated along r, a per-row mask keeps only the row's own rank slots, one matmul with the
 concatenated B. This is the formulation that stayed within +5-15% of a single branch on an H200,
 where per-row gather + batched matmul was 2.6-40x slower.
+
+Embedding slots (LoRA on `nn.Embedding`) take the same A/B names; the branch gathers A's rows by token id.
+DoRA (`dora=True`, or any DoRA adapter given): each slot also takes `dora_name(P)` `[out]` (bank: `[N, out]`),
+default ones, and computes `g * (W0·x + B·A·x) + bias`. `modules_to_save` (the adapters' saved modules, or
+`saved_modules`): each parameter p of module M becomes the input `saved_name(M, p)` with the base value as its
+default (bank: `[N, *shape]`, rows gathered per adapter, -1 = the base value).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lora_export import contract
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.inject import attach_feed, check_fits, find_targets, unwrap
-from lora_export.adapters.layer import BranchFeed, layer_dims
+from lora_export.adapters.inject import attach_feed, check_fits, clean_path, find_targets, unwrap
+from lora_export.adapters.layer import BranchFeed, is_conv1d, layer_dims, stores_in_out
+from lora_export.adapters.saved import base_layers_changed, wrap_saved
 from lora_export.adapters.spec import LoraSpec, default_targets
+from lora_export.adapters.ties import untie
 from lora_export.contract import (
     ADAPTER_INDEX,
     BANK,
+    BANK_KIND,
+    CONV1D,
+    EMBEDDING,
+    IN_OUT,
     INPUTS,
+    LINEAR,
     NUM_ADAPTERS_DIM,
+    OUT_IN,
+    SLOTS_METADATA,
+    SavedParam,
     Slot,
     SlotTable,
     bank_names,
+    dora_name,
     rank_dim,
+    saved_name,
     weight_names,
 )
-from lora_export.errors import AdapterError, UserError
+from lora_export.errors import AdapterError, UserError, named
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
-from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton
-from lora_export.fileio import check_output_path
+from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton, plan_untie
+from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
 
@@ -52,15 +72,25 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
     if adapters and targets is not None:
         raise UserError("give --adapter or --targets, not both: with adapters, their modules are the LoRA slots")
     if adapters:
+        modules = unwrap(loaded.module)
         for a in adapters:
             check_fits(loaded.module, a)
             if any(m.is_conv for m in a.modules.values()):
                 raise AdapterError(
-                    f"adapter {a.name} adapts Conv2d layers; branched export supports Linear/Conv1D only"
+                    f"{named('adapter', a.name)} adapts Conv2d layers; branched export supports "
+                    "Linear/Conv1D/Embedding only"
+                )
+            changed = base_layers_changed(modules, a)
+            if changed:
+                raise AdapterError(
+                    f"{named('adapter', a.name)} saves base weights for {', '.join(changed[:2])} "
+                    "(save_embedding_layers) that "
+                    "differ from the model's; branched graphs swap LoRA tensors and modules_to_save, not base "
+                    "weights: use merge-and-export, or export a base model that holds these weights"
                 )
         return sorted({p for a in adapters for p in a.modules})
     if targets is None:
-        targets = default_targets(loaded.arch, "pass --adapter DIR or --targets NAMES")
+        targets = default_targets(loaded.arch, "pass --adapter DIR or --targets NAMES", loaded.module)
     paths = sorted(find_targets(loaded.module, LoraSpec(target_modules=targets)))
     modules = unwrap(loaded.module)
     convs = [p for p in paths if isinstance(modules[p], torch.nn.Conv2d)]
@@ -72,14 +102,94 @@ def resolve_targets(loaded: LoadedModel, adapters: list[Adapter], targets: list[
     return paths
 
 
-def lora_slots(loaded: LoadedModel, paths: list[str], layout: str = INPUTS) -> list[Slot]:
+def lora_slots(loaded: LoadedModel, paths: list[str], layout: str = INPUTS, dora: bool = False) -> list[Slot]:
     """One slot per module path, in order; inputs-layout slots carry their symbolic rank dim (`r_k`)."""
     modules = unwrap(loaded.module)
     slots = []
     for k, p in enumerate(paths):
-        d_in, d_out = layer_dims(modules[p])
-        slots.append(Slot(p, d_in, d_out, rank_dim(k) if layout == INPUTS else None))
+        m = modules[p]
+        d_in, d_out = layer_dims(m)
+        kind = EMBEDDING if isinstance(m, torch.nn.Embedding) else CONV1D if is_conv1d(m) else LINEAR
+        slots.append(
+            Slot(
+                p,
+                d_in,
+                d_out,
+                rank_dim(k) if layout == INPUTS else None,
+                dora=dora,
+                kind=kind,
+                weight=f"{p}.weight",
+                layout=IN_OUT if stores_in_out(m) else OUT_IN,
+            )
+        )
     return slots
+
+
+def _initializer_of(module: torch.nn.Module, path: str, model, prefix: str = "") -> str | None:
+    """The graph initializer holding module `path`'s base weight: `P.weight`, or the name the exporter kept for a
+    weight tied to another layer (GPT-2's `wte` is saved as `lm_head.weight`)."""
+    weight = unwrap(module)[path].weight
+    names = [clean_path(n) for n, p in module.named_parameters(remove_duplicate=False) if p is weight]
+    candidates = [prefix + n for n in [f"{path}.weight", *names]]
+    return next((n for n in candidates if n in model.graph.initializers), None)
+
+
+def saved_params(loaded: LoadedModel, adapters: list[Adapter], names: list[str] | None) -> list[SavedParam]:
+    """`modules_to_save` parameters the graph takes: every parameter of each module the adapters save, or of
+    the modules `names` (PEFT's matching: a module path ending in the name)."""
+    modules = unwrap(loaded.module)
+    paths = {p for a in adapters for p in a.saved}
+    for n in names or []:
+        found = [p for p in modules if p == n or p.endswith(f".{n}")]
+        if not found:
+            raise UserError(f"--modules-to-save {n}: the model has no module of that name")
+        paths.update(found)
+    out = []
+    for path in sorted(paths):
+        for param, value in modules[path].named_parameters():
+            out.append(SavedParam(path, param.replace("base_layer.", ""), tuple(value.shape)))
+    return out
+
+
+def _saved_layout(
+    loaded: LoadedModel, params: list[SavedParam], layout: str, dtype: torch.dtype
+) -> list[trace_mod.ExtraInput]:
+    g = torch.Generator().manual_seed(1)
+    base = {f"{p}.{n}": v for p, m in unwrap(loaded.module).items() for n, v in m.named_parameters(recurse=False)}
+    extra = []
+    for sp in params:
+        value = base[sp.base_name].detach().to(dtype)
+        if layout == INPUTS:
+            extra.append(trace_mod.ExtraInput(saved_name(sp.module, sp.param), value.clone(), default=value.clone()))
+        else:
+            extra.append(
+                trace_mod.ExtraInput(
+                    saved_name(sp.module, sp.param, BANK_KIND),
+                    torch.randn(2, *sp.shape, generator=g).to(dtype),
+                    {0: NUM_ADAPTERS_DIM},
+                    default=torch.zeros(0, *sp.shape, dtype=dtype),
+                )
+            )
+    return extra
+
+
+def _dora_layout(slots: list[Slot], layout: str, dtype: torch.dtype) -> list[trace_mod.ExtraInput]:
+    g = torch.Generator().manual_seed(2)
+    extra = []
+    for s in slots:
+        if layout == INPUTS:
+            example = 1 + 0.1 * torch.randn(s.out_features, generator=g)
+            default = torch.ones(s.out_features)
+            extra.append(trace_mod.ExtraInput(dora_name(s.path), example.to(dtype), default=default.to(dtype)))
+        else:
+            example = 1 + 0.1 * torch.randn(2, s.out_features, generator=g)
+            default = torch.ones(0, s.out_features)
+            extra.append(
+                trace_mod.ExtraInput(
+                    dora_name(s.path, BANK_KIND), example.to(dtype), {0: NUM_ADAPTERS_DIM}, default=default.to(dtype)
+                )
+            )
+    return extra
 
 
 def _inputs_layout(slots: list[Slot], dtype: torch.dtype) -> list[trace_mod.ExtraInput]:
@@ -132,6 +242,71 @@ def _bank_layout(slots: list[Slot], max_rank: int, batch: int, dtype: torch.dtyp
     return extra
 
 
+@dataclass
+class Wiring:
+    """A branched layout, ready to trace: the extra graph inputs, the modules they feed, the slot table."""
+
+    extra: list[trace_mod.ExtraInput]
+    paths: list[str]
+    table: SlotTable
+
+    def attach(self, module: torch.nn.Module, feed: BranchFeed) -> None:
+        """Route `module`'s LoRA branches and `modules_to_save` parameters through `feed` (the graph inputs). A
+        slot's base weight becomes its own first (untied), so bake and refit change only that layer."""
+        modules = unwrap(module)
+        untie(module, [(p, modules[p]) for p in self.paths])
+        attach_feed(module, self.paths, feed)
+        saved = list(self.table.saved.values())
+        for path, wrapper in wrap_saved(module, sorted({sp.module for sp in saved})).items():
+            wrapper.feed, wrapper.names = feed, [sp.param for sp in saved if sp.module == path]
+
+    def finish(self, module: torch.nn.Module, model, prefix: str = "") -> None:
+        """After the trace: find each slot's base-weight initializer and record what DoRA scales and embedding
+        checks need (`SLOTS_METADATA`) in graphs that have such slots. `prefix`: what the traced wrapper puts
+        before `module`'s parameter names (a decoder's `model.`)."""
+        slots = [replace(s, weight=_initializer_of(module, s.path, model, prefix)) for s in self.table.slots.values()]
+        self.table.slots = {s.path: s for s in slots}
+        if any(s.dora or s.kind == EMBEDDING for s in slots):
+            model.metadata_props[SLOTS_METADATA] = json.dumps({s.path: s.metadata() for s in slots}, sort_keys=True)
+
+
+def lora_wiring(
+    loaded: LoadedModel,
+    adapters: list[Adapter],
+    targets: list[str] | str | None,
+    layout: str,
+    max_rank: int | None,
+    dtype: str,
+    batch: int,
+    *,
+    dora: bool = False,
+    saved_modules: list[str] | None = None,
+) -> Wiring:
+    """The LoRA inputs of a branched layout (`inputs` or `bank`) for `loaded` (shared by every branched export).
+    `dora` adds DoRA scale inputs (automatic when an adapter uses DoRA); `saved_modules` names modules_to_save
+    modules to expose besides the adapters' own."""
+    paths = resolve_targets(loaded, adapters, targets)
+    dora = dora or any(a.is_dora for a in adapters)
+    slots = lora_slots(loaded, paths, layout, dora)
+    saved = saved_params(loaded, adapters, saved_modules)
+    torch_dtype = contract.torch_dtype(dtype)
+    if layout == INPUTS:
+        extra = _inputs_layout(slots, torch_dtype)
+    elif layout == BANK:
+        top = max((m.r for a in adapters for m in a.modules.values()), default=0)
+        max_rank = max_rank or max(top, 16)
+        if top > max_rank:
+            raise UserError(f"an adapter has rank {top}, above --max-rank {max_rank}: raise --max-rank")
+        extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
+    else:
+        raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
+    if dora:
+        extra += _dora_layout(slots, layout, torch_dtype)
+    extra += _saved_layout(loaded, saved, layout, torch_dtype)
+    table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype, {sp.base_name: sp for sp in saved})
+    return Wiring(extra, paths, table)
+
+
 def export_branched(
     loaded: LoadedModel,
     out: str | Path,
@@ -145,34 +320,34 @@ def export_branched(
     force: bool = False,
     batch: int = 2,
     seq: int = 16,
+    dora: bool = False,
+    saved_modules: list[str] | None = None,
     on_write: OnWrite | None = None,
 ) -> ExportResult:
     """Export with LoRA slots for `adapters`' modules (or `targets`); weights streamed as in `export_merged`."""
     adapters = list(adapters)
-    paths = resolve_targets(loaded, adapters, targets)
-    slots = lora_slots(loaded, paths, layout)
-    torch_dtype = contract.torch_dtype(dtype)
-    if layout == INPUTS:
-        extra = _inputs_layout(slots, torch_dtype)
-    elif layout == BANK:
-        top = max((m.r for a in adapters for m in a.modules.values()), default=0)
-        max_rank = max_rank or max(top, 16)
-        if top > max_rank:
-            raise UserError(f"an adapter has rank {top}, above --max-rank {max_rank}: raise --max-rank")
-        extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
-    else:
-        raise UserError(f"unknown layout {layout!r}: choose inputs or bank")
-    work, plan = export_skeleton(loaded, torch_dtype)
-    lora_bytes = sum(e.default.numel() * e.default.element_size() for e in extra if e.default is not None)
-    check_disk_space(Path(out), plan.weight_bytes(work.module) + lora_bytes)
-    out = check_output_path(out, force)
-    feed = BranchFeed(layout)
-    attach_feed(work.module, paths, feed)
-    model = trace_mod.trace(
-        work, extra=extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype, weights=plan
+    wiring = lora_wiring(
+        loaded, adapters, targets, layout, max_rank, dtype, batch, dora=dora, saved_modules=saved_modules
     )
-    table = SlotTable(layout, {s.path: s for s in slots}, max_rank or 0, dtype)
-    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=table)
-    files = trace_mod.save(model, out, on_write=on_write)
-    write_manifest(out, manifest)
+    torch_dtype = contract.torch_dtype(dtype)
+    if wiring.table.saved:  # modules_to_save defaults are the model's values: built from the loaded weights
+        plan = None
+        work = loaded.materialized().copy(dtype=torch_dtype)
+        out = check_output_path(out, force)
+    else:
+        work, plan = export_skeleton(loaded, torch_dtype)
+        plan_untie(work, plan, wiring.paths)  # a slot's base weight is its own (bake, refit), streamed as well
+        lora_bytes = sum(e.default.numel() * e.default.element_size() for e in wiring.extra if e.default is not None)
+        check_disk_space(Path(out), plan.weight_bytes(work.module) + lora_bytes)
+        out = check_output_path(out, force)
+    feed = BranchFeed(layout)
+    wiring.attach(work.module, feed)
+    model = trace_mod.trace(
+        work, extra=wiring.extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype, weights=plan
+    )
+    wiring.finish(work.module, model)
+    manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=wiring.table)
+    with all_or_nothing() as files:  # the graph and its manifest, or neither
+        files += trace_mod.save(model, out, on_write=on_write)
+        write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.inject import merge_adapter
 from lora_export.contract import GraphManifest, torch_dtype
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton, plan_merge
-from lora_export.fileio import check_output_path
+from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
 
@@ -41,10 +42,16 @@ def export_merged(
 ) -> ExportResult:
     """Export `loaded` with `adapter` merged (or the plain base model when `adapter` is None);
     `on_write(bytes done, total, tensor)` follows the weights being written."""
-    work, plan = export_skeleton(loaded, torch_dtype(dtype), allow_nonfinite=allow_nonfinite)
-    if adapter is not None:
-        plan_merge(work, plan, adapter)
-    check_disk_space(Path(out), plan.weight_bytes(work.module))
+    if adapter is not None and (adapter.saved or adapter.base_layers):
+        # modules_to_save and saved embedding weights replace whole tensors: merged in memory, not streamed
+        plan = None
+        work = loaded.materialized().copy(dtype=torch_dtype(dtype))  # the caller's model stays unmerged
+        merge_adapter(work.module, adapter, allow_nonfinite=allow_nonfinite)
+    else:
+        work, plan = export_skeleton(loaded, torch_dtype(dtype), allow_nonfinite=allow_nonfinite)
+        if adapter is not None:
+            plan_merge(work, plan, adapter)
+        check_disk_space(Path(out), plan.weight_bytes(work.module))
     out = check_output_path(out, force)
     model = trace_mod.trace(work, batch=batch, seq=seq, opset=opset, dtype=torch_dtype(dtype), weights=plan)
     manifest = build_manifest(
@@ -54,6 +61,7 @@ def export_merged(
         adapters=[adapter] if adapter is not None else [],
         dtype=dtype,
     )
-    files = trace_mod.save(model, out, on_write=on_write)
-    write_manifest(out, manifest)
+    with all_or_nothing() as files:  # the graph and its manifest, or neither
+        files += trace_mod.save(model, out, on_write=on_write)
+        write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

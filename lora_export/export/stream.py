@@ -27,7 +27,8 @@ from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
 from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.inject import check_fits, unwrap
-from lora_export.adapters.layer import is_conv1d, merged_tensor
+from lora_export.adapters.layer import merged_tensor, stores_in_out
+from lora_export.adapters.ties import is_shared
 from lora_export.errors import UserError
 from lora_export.export.weights import ModuleWeights, RebuiltWeights, SafetensorsWeights, WeightSource
 from lora_export.models.loading import LoadedModel
@@ -163,8 +164,24 @@ def plan_merge(work: LoadedModel, plan: StreamPlan, adapter: Adapter) -> list[st
         base = plan.tensors[id(old)]
         new = meta_parameter(old)
         layer.weight = new
-        plan.tensors[id(new)] = Planned(base.source, base.dtype, base.shape, (lora, is_conv1d(layer), path))
+        plan.tensors[id(new)] = Planned(base.source, base.dtype, base.shape, (lora, stores_in_out(layer), path))
     return sorted(adapter.modules)
+
+
+def plan_untie(work: LoadedModel, plan: StreamPlan, paths: list[str]) -> list[str]:
+    """`ties.untie` on a skeleton: each module at `paths` whose weight another module shares gets a parameter of
+    its own, streamed from the same source; returns the paths."""
+    modules = unwrap(work.module)
+    untied = []
+    for path in paths:
+        old = getattr(modules[path], "weight", None)
+        if isinstance(old, torch.Tensor) and is_shared(work.module, old):
+            base = plan.tensors[id(old)]
+            new = meta_parameter(old)
+            modules[path].weight = new
+            plan.tensors[id(new)] = Planned(base.source, base.dtype, base.shape)
+            untied.append(path)
+    return untied
 
 
 def check_disk_space(out: Path, weight_bytes: int) -> None:

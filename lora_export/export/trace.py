@@ -29,6 +29,7 @@ from lora_export.contract import ADAPTER_INDEX, BANK_KIND, A, is_rank_dim, parse
 from lora_export.errors import UserError
 from lora_export.export.names import rename_initializers
 from lora_export.export.stream import OnWrite, StreamPlan
+from lora_export.fileio import io_errors
 from lora_export.models.loading import LoadedModel, call_model
 
 FX_NODE_KEY = "pkg.torch.onnx.fx_node"
@@ -62,17 +63,20 @@ class ExportWrapper(nn.Module):
             index = extra.pop(ADAPTER_INDEX, None)
             self._feed.tensors = extra
             if index is not None:
+                self._feed.index = index
                 self._feed.slot_mask = bank_slot_mask(index, extra, self._feed)
         try:
             return call_model(self._loaded, feeds)
         finally:
             if self._feed is not None:
-                self._feed.tensors, self._feed.slot_mask = {}, None
+                self._feed.tensors, self._feed.slot_mask, self._feed.index = {}, None, None
 
 
-def bank_slot_mask(index: torch.Tensor, tensors: dict[str, torch.Tensor], feed: BranchFeed) -> torch.Tensor:
+def bank_slot_mask(index: torch.Tensor, tensors: dict[str, torch.Tensor], feed: BranchFeed) -> torch.Tensor | None:
     """`[batch, N*R]`: 1 where rank slot j belongs to the row's adapter (j // R == index); -1 matches none."""
-    a_bank = next(t for k, t in tensors.items() if (p := parse(k)) and p.ab == A and p.kind == BANK_KIND)  # (N, in, R)
+    a_bank = next((t for k, t in tensors.items() if (p := parse(k)) and p.ab == A and p.kind == BANK_KIND), None)
+    if a_bank is None:  # a bank of modules_to_save only
+        return None
     n, rank = a_bank.shape[0], a_bank.shape[2]
     owner = torch.arange(n * rank, device=index.device) // rank  # (N*R,)
     return (owner.unsqueeze(0) == index.unsqueeze(1)).to(a_bank.dtype)  # (batch, N*R)
@@ -168,8 +172,24 @@ def _export(wrapper, args, loaded, extra, dynamic, opset):
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
             return torch.onnx.export(wrapper, args, **kwargs)
-    except torch.onnx.errors.UnsupportedOperatorError as e:  # pragma: no cover - depends on the model
-        raise UserError(f"torch.onnx.export cannot export this model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # the exporter fails on the user's model: one line (the cause kept for --verbose)
+        raise UserError(
+            f"torch.onnx.export cannot export {loaded.source}: {root_cause(e)}; make the model's forward return "
+            "tensors only (e.g. no cache objects: a wrapper module in a py:module:factory), or rerun with --verbose "
+            "for the exporter's trace"
+        ) from e
+
+
+def root_cause(e: BaseException) -> str:
+    """The first line of the innermost cause of `e` (the exporter wraps the real error in its own)."""
+    seen = set()
+    while e.__cause__ is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("#")]
+    text = lines[0] if lines else type(e).__name__
+    first = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def _restore_dim_names(model: ir.Model, loaded: LoadedModel, extra: list[ExtraInput]) -> None:
@@ -242,27 +262,33 @@ def save(model: ir.Model, path: str | os.PathLike, *, on_write: OnWrite | None =
     path = Path(path)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = size > onnxio.EXTERNAL_DATA_THRESHOLD
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    with io_errors(path):
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    written: list[Path] = []
 
     def progress(tensor, info) -> None:
         on_write(info.offset, size, tensor.name or "")
 
     try:
-        data_name = f"{path.name}.data" if external else None
-        try:
-            ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress if on_write else None)
-        except Exception as e:  # a weight read while saving refused (UserError): the serializer wraps it
-            cause = _user_error_in(e)
-            if cause is None:
-                raise
-            raise cause from None
-        if on_write is not None:
-            on_write(size, size, "")
-        written = []
-        for f in sorted(tmp_dir.iterdir(), reverse=True):  # data before the graph that names it
-            os.replace(f, path.parent / f.name)
-            written.append(path.parent / f.name)
+        with io_errors(path):
+            data_name = f"{path.name}.data" if external else None
+            try:
+                ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress if on_write else None)
+            except Exception as e:  # a weight read while saving refused (UserError): the serializer wraps it
+                cause = _user_error_in(e)
+                if cause is None:
+                    raise
+                raise cause from None
+            if on_write is not None:
+                on_write(size, size, "")
+            for f in sorted(tmp_dir.iterdir(), reverse=True):  # data before the graph that names it
+                os.replace(f, path.parent / f.name)
+                written.append(path.parent / f.name)
         return written
+    except BaseException:
+        for f in written:  # a data file without its graph is no output
+            f.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

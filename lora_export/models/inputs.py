@@ -1,4 +1,4 @@
-"""Example and random inputs per architecture, and the dynamic axes that go with them (one place)."""
+"""Example and random model inputs by input name (token ids, masks, token types, positions, images)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,6 @@ from collections.abc import Callable
 import torch
 
 Inputs = dict[str, torch.Tensor]
-
-# Input names each transformers architecture takes (batch, seq) for.
-TEXT_INPUTS: dict[str, list[str]] = {
-    "gpt2": ["input_ids", "attention_mask"],
-    "llama": ["input_ids", "attention_mask"],
-    "mistral": ["input_ids", "attention_mask"],
-    "qwen2": ["input_ids", "attention_mask"],
-    "opt": ["input_ids", "attention_mask"],
-    "bert": ["input_ids", "attention_mask", "token_type_ids"],
-    "roberta": ["input_ids", "attention_mask"],
-}
 
 
 def text_inputs(names: list[str], vocab_size: int, batch: int, seq: int, seed: int) -> Inputs:
@@ -36,6 +25,9 @@ def text_inputs(names: list[str], vocab_size: int, batch: int, seq: int, seed: i
         tt = torch.zeros(batch, seq, dtype=torch.int64)
         tt[:, seq // 2 :] = 1
         out["token_type_ids"] = tt
+    if "position_ids" in names:  # as transformers derives them from the mask: cumsum(mask) - 1, 0 on padding
+        mask = out.get("attention_mask", torch.ones(batch, seq, dtype=torch.int64))
+        out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     return out
 
 

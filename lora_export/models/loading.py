@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from lora_export.errors import UserError
+from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
+from lora_export.models.introspect import VISION, describe
 from lora_export.models.skeleton import params_on_meta
 from lora_export.models.zoo import SAMPLES, build_sample
 
@@ -74,7 +76,7 @@ def call_model(model: LoadedModel, feeds: dict[str, torch.Tensor]) -> tuple[torc
         return tuple(out)
     if model.arch == "convnet":
         return (model.module(feeds["pixel_values"]),)
-    out = model.module(**feeds, use_cache=False, return_dict=True)
+    out = model.module(**feeds, **model.extra.get("call_kwargs", {}))
     return tuple(out[n] for n in model.output_names)
 
 
@@ -89,19 +91,21 @@ def load_model(spec: str, *, lazy: bool = False) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
         return _load_transformers_dir(path, spec, lazy)
-    names = ", ".join(f"sample:{n}" for n in SAMPLES)
+    names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME])
     raise UserError(
         f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
     )
 
 
 def _load_sample(name: str, spec: str, lazy: bool = False) -> LoadedModel:
+    if name == e2e.NAME:  # trained, shipped as a transformers directory
+        return _load_transformers_dir(e2e.model_dir(), spec, lazy)
     if name not in SAMPLES:
-        raise UserError(f"unknown sample {name!r}: choose one of {', '.join(SAMPLES)}")
+        raise UserError(f"unknown sample {name!r}: choose one of {', '.join([*SAMPLES, e2e.NAME])}")
     if lazy and SAMPLES[name].model_class:
         with params_on_meta():
             module, _ = build_sample(name)
-        loaded = _wrap_transformers(module, spec)
+        loaded = wrap_transformers(module, spec)
         loaded.rebuild = lambda: _load_sample(name, spec)
         return loaded
     module, sample = build_sample(name)
@@ -116,41 +120,24 @@ def _load_sample(name: str, spec: str, lazy: bool = False) -> LoadedModel:
             make_inputs=lambda b, s, seed: inputs_mod.image_inputs(b, s, seed),
             default_seq=16,
         )
-    return _wrap_transformers(module, spec)
+    return wrap_transformers(module, spec)
 
 
-def _wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
+def wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
+    """A transformers model with its I/O read from the model (class, forward signature, config, one probe)."""
+    module.eval()
     config = module.config
-    arch = config.model_type
-    if arch not in inputs_mod.TEXT_INPUTS:
-        raise UserError(
-            f"{spec}: model type {arch!r} has no input recipe yet (known: {', '.join(inputs_mod.TEXT_INPUTS)}); "
-            "wrap it as py:module:factory"
-        )
-    names = inputs_mod.TEXT_INPUTS[arch]
-    outputs = (
-        ["logits"]
-        if "ForCausalLM" in type(module).__name__ or "LMHead" in type(module).__name__
-        else (
-            ["last_hidden_state", "pooler_output"]
-            if getattr(module, "pooler", None) is not None
-            else ["last_hidden_state"]
-        )
-    )
-    axes: dict[str, dict[int, str]] = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes.update({o: {0: "batch", 1: "sequence"} for o in outputs})
-    if "pooler_output" in outputs:
-        axes["pooler_output"] = {0: "batch"}
-    vocab = int(config.vocab_size)
+    io = describe(module, spec)
     return LoadedModel(
-        module=module.eval(),
-        arch=arch,
+        module=module,
+        arch=config.model_type,
         source=spec,
-        input_names=names,
-        output_names=outputs,
-        dynamic_axes=axes,
-        make_inputs=lambda b, s, seed: inputs_mod.text_inputs(names, vocab, b, s, seed),
-        extra={"config": config.to_dict() if hasattr(config, "to_dict") else {}},
+        input_names=io.input_names,
+        output_names=io.output_names,
+        dynamic_axes=io.dynamic_axes,
+        make_inputs=io.make_inputs(int(getattr(config, "vocab_size", 0) or 2)),
+        default_seq=io.image_size if io.kind == VISION else 16,
+        extra={"config": config.to_dict() if hasattr(config, "to_dict") else {}, "call_kwargs": io.call_kwargs},
     )
 
 
@@ -173,10 +160,14 @@ def _load_transformers_dir(path: Path, spec: str, lazy: bool = False) -> LoadedM
             cls = cls or transformers.AutoModel
             load = cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained
             module = load(str(path), local_files_only=True, attn_implementation="eager", torch_dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {path} as a transformers model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a broken directory: truncated weights, a config field of the wrong type, ...
+        raise UserError(
+            f"cannot load {path} as a transformers model ({type(e).__name__}: {_first_line(e)}): check its config.json "
+            "and weights (re-save it with save_pretrained)"
+        ) from e
     module.config.use_cache = False
-    loaded = _wrap_transformers(module, spec)
+    loaded = wrap_transformers(module, spec)
+    loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
     if files is not None:
         loaded.checkpoint = path
         loaded.rebuild = lambda: _load_transformers_dir(path, spec)
@@ -212,17 +203,34 @@ def _load_py(spec: str) -> LoadedModel:
         raise UserError(f"{spec!r}: expected py:package.module:factory")
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"{spec!r}: cannot import the factory ({e})") from None
-    result = factory()
+    except Exception as e:  # ImportError, AttributeError, or the module's own code failing on import
+        raise UserError(
+            f"{spec!r}: cannot import the factory ({type(e).__name__}: {_first_line(e)}); rerun with --verbose "
+            "for its traceback"
+        ) from e
+    try:
+        result = factory()
+    except Exception as e:
+        raise UserError(
+            f"{spec!r}: the factory raised {type(e).__name__}: {_first_line(e)}; fix it (rerun with --verbose for "
+            "its traceback)"
+        ) from e
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise UserError(f"{spec!r}: the factory must return (torch.nn.Module, dict of example input tensors)")
     module, example = result[0], result[1]
     axes = result[2] if len(result) > 2 else None
     if not isinstance(module, nn.Module) or not isinstance(example, dict):
         raise UserError(f"{spec!r}: the factory must return (torch.nn.Module, dict of example input tensors)")
     module.eval()
     names = list(example)
-    with torch.no_grad():
-        out = module(*[example[n] for n in names])
+    try:
+        with torch.no_grad():
+            out = module(*[example[n] for n in names])
+    except Exception as e:
+        raise UserError(
+            f"{spec!r}: the factory's model fails on its own example inputs ({type(e).__name__}: {_first_line(e)}); "
+            "rerun with --verbose for its traceback"
+        ) from e
     if isinstance(out, torch.Tensor):
         outputs = ["output"]
     elif isinstance(out, dict):
@@ -242,3 +250,8 @@ def _load_py(spec: str) -> LoadedModel:
         make_inputs=lambda b, s, seed: inputs_mod.like_inputs(example, b, seed),
         default_seq=0,
     )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(e).__name__

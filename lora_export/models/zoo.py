@@ -1,6 +1,6 @@
 """The embedded sample zoo: small architectures built from a config with a fixed seed (nothing downloaded).
 
-`gpt2`, `llama`, `bert` are tiny (a few MB) for tests and the demo; `gpt2-small` and `gpt2-medium`
+`gpt2`, `llama`, `qwen2`, `mistral`, `bert` are tiny (a few MB) for tests and the demo; `gpt2-small` and `gpt2-medium`
 have the real shapes (random weights) for benchmarks; `convnet` is a small CNN for the Conv2d path.
 """
 
@@ -43,6 +43,39 @@ SAMPLES: dict[str, Sample] = {
             max_position_embeddings=256,
         ),
         "tiny Llama (2x64, GQA)",
+    ),
+    "qwen2": Sample(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=160,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "tiny Qwen2 (2x64, GQA, q/k/v biases)",
+    ),
+    "mistral": Sample(
+        "mistral",
+        "MistralForCausalLM",
+        dict(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=160,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+            max_position_embeddings=256,
+            sliding_window=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "tiny Mistral (2x64, GQA)",
     ),
     "bert": Sample(
         "bert",

@@ -10,8 +10,10 @@ from lora_export.passes.contract import ContractError, LoraPass, check_preserved
 from lora_export.passes.fp16 import Float16Pass
 from lora_export.passes.ort_fusion import OrtFusionPass
 from lora_export.passes.pipeline import PipelineOptions, optimize_file, optimize_model
+from lora_export.passes.quantize import QuantizeBasePass
 from lora_export.passes.scale_fold import FoldLoraScalePass
 from lora_export.passes.sibling_fusion import FuseSiblingBranchesPass
+from lora_export.passes.transformer_fusion import TransformerFusionPass
 
 __all__ = [
     "BakeAdapterPass",
@@ -23,6 +25,8 @@ __all__ = [
     "LoraPass",
     "OrtFusionPass",
     "PipelineOptions",
+    "QuantizeBasePass",
+    "TransformerFusionPass",
     "check_preserved",
     "optimize_file",
     "optimize_model",

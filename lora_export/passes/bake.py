@@ -7,6 +7,7 @@ import onnx_ir as ir
 import torch
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.ties import other_readers
 from lora_export.contract import BANK, MERGED
 from lora_export.errors import AdapterError, UserError
 from lora_export.onnxio import slots_of_ir
@@ -72,7 +73,7 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
     4. the LoRA inputs and their default initializers are removed: the result is a merged graph.
 
     Refuses bank graphs, adapters with modules the graph has no slot for, shapes that do not fit, weights
-    read by other nodes too (tied), and non-finite results.
+    another kind of node reads too (tied with an embedding: `ties.other_readers`), and non-finite results.
     """
 
     lora_removed = True  # the result is a merged graph
@@ -85,6 +86,9 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
         self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from lora_export.passes.quantize import refuse_quantized
+
+        refuse_quantized(model, "--bake")
         graph = model.graph
         names = {v.name for v in lora_inputs(model)}
         slots = slots_of_ir(model)
@@ -93,6 +97,11 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
         branches = find_branches(model)
         if slots.layout == MERGED or not branches:
             raise UserError("--bake needs a branched graph with LoRA inputs; this graph has none")
+        if slots.saved or any(s.dora for s in slots.slots.values()):
+            raise UserError(
+                "--bake folds plain LoRA branches; this graph has DoRA or modules_to_save inputs: "
+                "use merge-and-export for a merged graph of such an adapter"
+            )
         slots.check_adapter(self.adapter)
         by_path = {b.path: b for b in branches}
         unknown = sorted(set(self.adapter.modules) - set(by_path))
@@ -105,7 +114,12 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
             if mod is not None:
                 self._fold(br, mod)
         for br in branches:
-            ir.convenience.replace_all_uses_with(br.join.outputs[0], br.base, replace_graph_outputs=True)
+            joined = br.join.outputs[0]
+            output_name = joined.name if joined.is_graph_output() else None  # a slot on the last layer (lm_head)
+            ir.convenience.replace_all_uses_with(joined, br.base, replace_graph_outputs=True)
+            if output_name is not None:  # the graph output keeps its name (`logits`), not the base MatMul's
+                joined.name = f"{output_name}.lora_join"
+                br.base.name = output_name
             for node in (br.join, br.mm_b, br.mm_a):
                 if not any(o.uses() or o.is_graph_output() for o in node.outputs):
                     graph.remove(node, safe=True)
@@ -118,8 +132,13 @@ class BakeAdapterPass(LoraPass, ir.passes.InPlacePass):
 
     def _fold(self, br: Branch, mod) -> None:
         weight, in_out = find_base_weight(br.base)
-        if len(weight.uses()) != 1:
-            raise UserError(f"cannot bake {br.path}: its weight {weight.name} is shared (tied) with other nodes")
+        tied = other_readers((use.node.op_type, use.idx) for use in weight.uses())
+        if tied:
+            raise UserError(
+                f"cannot bake {br.path}: its weight {weight.name} is also read by {', '.join(tied)} (tied, e.g. the "
+                "input embeddings), which must keep the base value; re-export the branched graph with export-branched "
+                "(it gives each LoRA slot a weight of its own)"
+            )
         w0 = torch.from_numpy(np.array(weight.const_value.numpy()))
         merged = mod.merged_with(w0, in_out=in_out, where=f"{br.path} ({weight.name})")  # as merge-and-export
         if not self.allow_nonfinite and not torch.isfinite(merged).all():

@@ -92,11 +92,13 @@ def check_preserved(
     lora_removed: bool = False,
     weights_changed: bool = False,
     dtype_changed: bool = False,
+    base_renamed: bool = False,
 ) -> None:
     """Raise `ContractError` if `model` lost, renamed, reshaped or merged a LoRA input or a base weight.
 
     `lora_removed` (bake): the LoRA inputs may be gone, but all of them or none. `weights_changed` (bake):
-    base weight values may differ. `dtype_changed` (fp16): base weight dtypes may differ.
+    base weight values may differ. `dtype_changed` (fp16): base weight dtypes may differ. `base_renamed`
+    (quantization): base weights may be repacked under new names; only the LoRA inputs are checked.
     """
     problems: list[str] = []
     graph = model.graph
@@ -129,7 +131,7 @@ def check_preserved(
         ids = [id(inputs[n]) for n in present]
         if len(set(ids)) != len(ids):
             problems.append("two LoRA inputs were merged into one value")
-    for name, info in before.weights.items():
+    for name, info in ({} if base_renamed else before.weights).items():
         v = graph.initializers.get(name)
         if v is None:
             problems.append(f"base weight {name} was renamed or folded away")
@@ -150,13 +152,15 @@ class LoraPass(ir.passes.PassBase):
     against it (`check_preserved`), so the check runs wherever the pass runs, in the pipeline or alone.
 
     Subclasses declare what they may change: `lora_removed` (the LoRA inputs may be gone, all of them or
-    none), `weights_changed` (base weight values), `dtype_changed` (base weight dtypes). Mix in before
-    `ir.passes.InPlacePass` / `FunctionalPass`.
+    none), `weights_changed` (base weight values), `dtype_changed` (base weight dtypes), `base_renamed`
+    (base weights repacked under new names, as quantization does). Mix in before `ir.passes.InPlacePass` /
+    `FunctionalPass`.
     """
 
     lora_removed = False
     weights_changed = False
     dtype_changed = False
+    base_renamed = False
 
     def requires(self, model: ir.Model) -> None:
         self._before = snapshot(model)
@@ -169,6 +173,7 @@ class LoraPass(ir.passes.PassBase):
             lora_removed=self.lora_removed,
             weights_changed=self.weights_changed,
             dtype_changed=self.dtype_changed,
+            base_renamed=self.base_renamed,
         )
 
 

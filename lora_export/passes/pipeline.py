@@ -1,7 +1,7 @@
 """The default optimization pipeline, and `optimize_file` (what the CLI and the benchmarks call).
 
     Cleanup -> FoldLoraScale -> [BakeAdapter] -> [FuseSiblingBranches] -> Cleanup -> [OrtFusion]
-            -> [Float16 -> Cleanup]
+            -> [TransformerFusion] -> [Float16 -> Cleanup] -> [QuantizeBase]
 
 Every pass is a `LoraPass`: it checks the LoRA name contract against its own input graph when it runs
 (onnx-ir `requires` / `ensures`); a violation is a bug in a pass and raises `ContractError` before anything
@@ -26,8 +26,10 @@ from lora_export.passes.cleanup import CleanupPass
 from lora_export.passes.contract import count_ops, lora_inputs, lora_node_count
 from lora_export.passes.fp16 import Float16Pass
 from lora_export.passes.ort_fusion import OrtFusionPass, guess_arch
+from lora_export.passes.quantize import QuantizeBasePass, check_scheme
 from lora_export.passes.scale_fold import FoldLoraScalePass
 from lora_export.passes.sibling_fusion import FuseSiblingBranchesPass
+from lora_export.passes.transformer_fusion import TransformerFusionPass, parse_fusions
 
 TARGETS = ("ort",)
 
@@ -40,6 +42,9 @@ class PipelineOptions:
     fuse_siblings: bool = False
     arch: str | None = None
     allow_nonfinite: bool = False
+    fuse: tuple[str, ...] = ()  # TransformerFusionPass groups (`transformer_fusion.FUSION_GROUPS`)
+    quantize: str | None = None  # int8 | int8-block | int4 (`quantize.SCHEMES`)
+    block_size: int | None = None
 
 
 def default_steps(opts: PipelineOptions) -> list[ir.passes.PassBase]:
@@ -54,8 +59,15 @@ def default_steps(opts: PipelineOptions) -> list[ir.passes.PassBase]:
     steps.append(CleanupPass())
     if opts.target == "ort":  # fuse first: the fusers match float32 patterns, not ones broken up by Casts
         steps.append(OrtFusionPass(opts.arch))
+    if opts.fuse:
+        steps.append(TransformerFusionPass(opts.fuse))
     if opts.fp16:
         steps += [Float16Pass(), CleanupPass()]
+    if opts.quantize:
+        check_scheme(opts.quantize, opts.block_size)
+        if opts.fp16:
+            raise UserError("--quantize replaces float32 base weights: drop --fp16 (the LoRA branches stay float32)")
+        steps.append(QuantizeBasePass(opts.quantize, block_size=opts.block_size))
     return steps
 
 
@@ -82,14 +94,17 @@ def optimize_model(model: ir.Model, opts: PipelineOptions | None = None) -> tupl
         result = step(model)  # the pass checks the contract itself (LoraPass.requires / ensures)
         model = result.model
         notes = list(getattr(step, "notes", []))
-        report["passes"].append(
-            {
-                "pass": type(step).__name__,
-                "modified": bool(result.modified),
-                "seconds": round(time.perf_counter() - t0, 3),
-                "notes": notes,
-            }
-        )
+        entry = {
+            "pass": type(step).__name__,
+            "modified": bool(result.modified),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "notes": notes,
+        }
+        if isinstance(step, TransformerFusionPass):  # what each fusion did: --report prints the counts
+            entry["fusions"] = report["fusions"] = {k: v for k, v in step.counts.items() if v}
+        if isinstance(step, QuantizeBasePass):
+            entry["quantization"] = report["quantization"] = step.summary
+        report["passes"].append(entry)
         report["notes"] += notes
     if had_lora and not opts.bake:
         report["notes"].append("scale: already folded into the fed B inputs (the contract); nothing to fold")
@@ -107,20 +122,43 @@ def optimize_file(
     force: bool = False,
     fuse_siblings: bool = False,
     allow_nonfinite: bool = False,
+    fuse: str | tuple[str, ...] | None = (),
+    quantize: str | None = None,
+    block_size: int | None = None,
 ) -> dict[str, Any]:
     """Optimize the graph at `in_path` into `out_path` (+ `out_path.json` manifest); returns the report.
 
     `bake`: an adapter (PEFT dir, `.onnx_adapter`/`.safetensors`/`.npz` file, or `Adapter`) folded into the
-    weights: the result is a merged graph. Nothing is written if any step fails.
+    weights: the result is a merged graph. `fuse`: transformer fusion groups ("all", "none", or a comma list,
+    see `transformer_fusion`); `quantize`: int8 | int8-block | int4 base weights (`quantize`), `block_size`
+    for the blockwise schemes. A decoder folder (`export-decoder`) in gives a folder out, its adapters and
+    configs copied. Nothing is written if any step fails.
     """
     from lora_export.adapters.peft_io import read_adapter
     from lora_export.export.trace import save
-    from lora_export.fileio import check_output_path
+    from lora_export.fileio import all_or_nothing, check_output_path
     from lora_export.onnxio import read_manifest, write_manifest
 
     in_path = Path(in_path)
+    fuse = parse_fusions(fuse) if fuse else ()
+    check_scheme(quantize, block_size)
+    if in_path.is_dir():
+        from lora_export.passes.folder import optimize_folder
+
+        kw = dict(fp16=fp16, target=target, fuse_siblings=fuse_siblings, allow_nonfinite=allow_nonfinite)
+        return optimize_folder(
+            in_path,
+            out_path,
+            optimize_file,
+            bake=bake,
+            force=force,
+            fuse=fuse,
+            quantize=quantize,
+            block_size=block_size,
+            **kw,
+        )
     if not in_path.is_file():
-        raise UserError(f"{in_path} does not exist: give an exported .onnx graph")
+        raise UserError(f"{in_path} does not exist: give an exported .onnx graph or a decoder folder")
     out_path = check_output_path(out_path, force)
     try:
         model = ir.load(in_path)
@@ -132,7 +170,15 @@ def optimize_file(
     source_manifest = read_manifest(in_path)
     arch = source_manifest.model.get("arch") if source_manifest is not None else None
     opts = PipelineOptions(
-        bake=adapter, fp16=fp16, target=target, fuse_siblings=fuse_siblings, arch=arch, allow_nonfinite=allow_nonfinite
+        bake=adapter,
+        fp16=fp16,
+        target=target,
+        fuse_siblings=fuse_siblings,
+        arch=arch,
+        allow_nonfinite=allow_nonfinite,
+        fuse=fuse,
+        quantize=quantize,
+        block_size=block_size,
     )
     model, report = optimize_model(model, opts)
     report["input"], report["output"] = str(in_path), str(out_path)
@@ -141,9 +187,13 @@ def optimize_file(
         "fp16": fp16,
         "target": target,
         "fuse_siblings": fuse_siblings,
+        "fuse": list(fuse),
+        "quantize": quantize,
+        "block_size": block_size,
     }
-    save(model, out_path)
-    write_manifest(out_path, rewritten_manifest(source_manifest, model, report, adapter, fp16))
+    with all_or_nothing() as files:  # the graph and its manifest, or neither
+        files += save(model, out_path)
+        write_manifest(out_path, rewritten_manifest(source_manifest, model, report, adapter, fp16))
     report["output_bytes"] = out_path.stat().st_size
     return report
 
@@ -175,4 +225,8 @@ def rewritten_manifest(
             "after": report["after"]["initializer_bytes"],
         },
     }
+    if report.get("fusions") is not None:
+        manifest.optimized["fusions"] = report["fusions"]
+    if report.get("quantization"):
+        manifest.quantization = report["quantization"]
     return manifest

@@ -105,7 +105,7 @@ def random_bench_adapter(loaded: LoadedModel, seed: int, name: str) -> Adapter:
     from lora_export.adapters.spec import LoraSpec, default_targets
     from lora_export.adapters.synthetic import random_adapter
 
-    spec = LoraSpec(r=8, alpha=16, target_modules=default_targets(loaded.arch, "pass --adapter DIR"))
+    spec = LoraSpec(r=8, alpha=16, target_modules=default_targets(loaded.arch, "pass --adapter DIR", loaded.module))
     return random_adapter(loaded.module, spec, seed=seed, name=name)
 
 

@@ -1,9 +1,10 @@
 """Verify one backend against another (Polygraphy-style) on several seeded input sets and shapes.
 
-Backends: `torch` (the model with the adapter resident and unmerged: PEFT's forward), `ort` (ONNX Runtime
-on an exported graph), `trt` (a TensorRT engine, when TensorRT and a GPU exist). Merged graphs run as they
-are; branched graphs get the adapter's contract tensors as feeds; bank graphs get a batch whose rows
-cycle through the adapters and "no adapter", and the PyTorch side composes each row from its own adapter.
+Backends: `torch` (the model with the adapter unmerged: PEFT itself when it is installed, our own LoRA
+layer otherwise; the report's reference label says which), `ort` (ONNX Runtime on an exported graph),
+`trt` (a TensorRT engine, when TensorRT and a GPU exist). Merged graphs run as they are; branched graphs get
+the adapter's contract tensors as feeds; bank graphs get batches of at least N + 1 rows, one for each adapter
+and one with "no adapter", and the PyTorch side gives each row its own adapter.
 
 Besides parity, the adapter-effect check requires the adapter to move the outputs well above the parity
 error, so an adapter silently dropped somewhere cannot pass.
@@ -24,8 +25,9 @@ from lora_export.backends.torch_runner import TorchRunner
 from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER, SlotTable, precision
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import load_onnx_header, slots_of_proto
-from lora_export.verify.parity import ParityReport, adapter_effect, compare_outputs
+from lora_export.onnxio import InitializerReader, load_onnx_header, slots_of_proto
+from lora_export.verify.parity import QUANTIZED_CRITERIA, ParityReport, adapter_effect, compare_outputs
+from lora_export.verify.peft_reference import PeftSide, resolve_oracle
 
 BACKENDS = ("torch", "ort", "trt")
 DEFAULT_SHAPES = [(2, 16), (3, 7), (1, 23)]  # the export's example shape, then two others
@@ -110,7 +112,8 @@ class GraphSide:
         self.runner.__enter__()
         self.session = getattr(self.runner, "session", None)
         if self.session is not None:
-            self.slots = SlotTable.from_session(self.session)
+            path = getattr(self.runner, "path", None)
+            self.slots = SlotTable.from_session(self.session, InitializerReader(path) if path else None)
             self.dtype = precision(o.type for o in self.session.get_outputs())  # the outputs' precision
         self.extra = _lora_feeds(self.slots, self.adapters)
         return self
@@ -143,10 +146,12 @@ def open_side(
     onnx_path: str | Path | None = None,
     engine_path: str | Path | None = None,
     providers: list[str] | None = None,
+    oracle: str = "auto",
 ):
-    """A side for `backend` (not yet entered). Graph sides need `onnx_path` (ort) or `engine_path` (trt)."""
+    """A side for `backend` (not yet entered). Graph sides need `onnx_path` (ort) or `engine_path` (trt); the
+    torch side runs PEFT or our own LoRA layer as `oracle` says (`peft_reference.resolve_oracle`)."""
     if backend == "torch":
-        return TorchSide(loaded, list(adapters))
+        return torch_side(loaded, list(adapters), oracle)
     if backend == "ort":
         from lora_export.backends.onnxrt import OrtRunner
 
@@ -168,10 +173,23 @@ def open_side(
         slots, dtype = SlotTable(MERGED), "fp32"
         if onnx_path is not None:
             header = load_onnx_header(onnx_path)
-            slots = slots_of_proto(header)
+            slots = slots_of_proto(header, InitializerReader(onnx_path))
             dtype = precision(o.type.tensor_type.elem_type for o in header.graph.output)  # the outputs' precision
         return GraphSide(runner_cls(engine_path), slots, list(adapters), f"trt:{Path(engine_path).name}", dtype)
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def torch_side(loaded: LoadedModel, adapters: list[Adapter], oracle: str = "auto"):
+    """The PyTorch reference: PEFT's own forward (`PeftSide`) when `oracle` resolves to peft, else our LoRA layer
+    (`TorchSide`); its label says which ran."""
+    if resolve_oracle(oracle) == "peft":
+        return PeftSide(loaded, adapters)
+    fallback = " (fallback: peft is not installed)" if oracle == "auto" else ""
+    return TorchSide(loaded, adapters, label=f"torch+lora-export{fallback}")
+
+
+def _is_torch(side) -> bool:
+    return isinstance(side, (TorchSide, PeftSide))
 
 
 def _label_slug(label: str) -> str:
@@ -212,6 +230,8 @@ def verify_backends(
     save_inputs: str | Path | None = None,
     candidate_adapters: list[Adapter] | None = None,
     on_case=None,
+    oracle: str = "auto",
+    criteria: dict | None = None,
 ) -> ParityReport:
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
@@ -221,23 +241,35 @@ def verify_backends(
     The backends run one after the other (PyTorch first), each over every case, and the outputs are compared
     at the end: only one copy of the weights is in memory at a time (a lazily loaded model is loaded for its
     turn and released after it).
+    `oracle`: whose LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
+
+    A quantized ONNX graph (int8/int4 base) is judged on agreement, not elementwise error: `criteria`
+    (default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
+    check weighs the adapter's effect against the mean abs error (quantization noise), not the max.
     """
     if reference == candidate:
         raise UserError(f"reference and candidate are both {reference!r}: compare two different backends")
     shapes = shapes or DEFAULT_SHAPES
     adapters = list(adapters)
     cand_adapters = adapters if candidate_adapters is None else list(candidate_adapters)
-    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers)
+    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers, oracle=oracle)
+    if criteria is None and onnx_path is not None and "ort" in (reference, candidate):
+        from lora_export.passes.quantize import graph_scheme
+
+        scheme = graph_scheme(onnx_path)
+        criteria = QUANTIZED_CRITERIA[scheme] if scheme else None
     ref_side = open_side(reference, loaded, adapters, **kw)
     cand_side = open_side(candidate, loaded, cand_adapters, **kw)
     graph_sides = [s for s in (ref_side, cand_side) if isinstance(s, GraphSide)]
     for s in graph_sides:
         _check_layout(s.slots, adapters)
     bank = next((s.slots for s in graph_sides if s.slots.layout == BANK), None)
+    if bank is not None:  # every adapter and the no-adapter row in every case: N + 1 rows at least
+        shapes = [(max(b, len(adapters) + 1), s) for b, s in shapes]
     dtype = precision(s.dtype for s in graph_sides)
     effect = bool(adapters) and check_effect
-    truth = ref_side if isinstance(ref_side, TorchSide) else None
-    extra_truth = TorchSide(loaded, adapters) if effect and truth is None else None
+    truth = ref_side if _is_torch(ref_side) else None
+    extra_truth = torch_side(loaded, adapters, oracle) if effect and truth is None else None
     cases = [
         (f"seed={seed} batch={batch} seq={seq}", make_feeds(loaded, batch, seq, seed), batch)
         for seed in seeds
@@ -245,7 +277,7 @@ def verify_backends(
     ]
     rows = [_row_assignment(bank, adapters, batch) for _, _, batch in cases]
     sides = [s for s in (ref_side, cand_side, extra_truth) if s is not None]
-    sides.sort(key=lambda s: not isinstance(s, TorchSide))  # PyTorch first: its model is released before a session
+    sides.sort(key=lambda s: not _is_torch(s))  # PyTorch first: its model is released before a session
     results: dict[int, list] = {}
     fed: list = []
     bases: list = []
@@ -263,16 +295,26 @@ def verify_backends(
                 if on_case is not None:
                     on_case(done, total)
     report = ParityReport(reference=ref_side.label, candidate=cand_side.label)
-    worst_err, effects = 0.0, []
+    worst_err, effects, covered = 0.0, [], set()
     for i, (label, _, _) in enumerate(cases):
+        covered.update(rows[i] or ())
         ref, got = results[id(ref_side)][i], results[id(cand_side)][i]
-        case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label)
+        case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label, criteria=criteria)
         report.cases.append(case)
-        worst_err = max([worst_err] + [o.max_abs for o in case.outputs if np.isfinite(o.max_abs)])
+        errs = [o.mean_abs if criteria else o.max_abs for o in case.outputs]
+        worst_err = max([worst_err] + [e for e in errs if np.isfinite(e)])
         if effect:
             effects.append((results[id(truth or extra_truth)][i], bases[i]))
         if save_inputs is not None and not case.passed:
             report.artifacts += save_case(save_inputs, label, fed[i], ref, got)
+    if bank is not None:
+        missing = sorted(set(range(len(adapters))) - covered)
+        report.checks["bank_rows"] = {
+            "adapters": len(adapters),
+            "no_adapter_row": NO_ADAPTER in covered,
+            "passed": not missing and NO_ADAPTER in covered,
+            "reason": f"adapters {missing} never ran in a row" if missing else "",
+        }
     if effects:
         report.checks["adapter_effect"] = max(
             (adapter_effect(w, b, worst_err) for w, b in effects), key=lambda e: e["effect_max_abs"]
@@ -291,6 +333,7 @@ def verify_graph(
     rtol: dict[str, float] | None = None,
     providers: list[str] | None = None,
     check_effect: bool = True,
+    oracle: str = "auto",
 ) -> ParityReport:
     """ONNX Runtime on `onnx_path` against the PyTorch reference (the export path's check)."""
     return verify_backends(
@@ -305,6 +348,7 @@ def verify_graph(
         rtol=rtol,
         providers=providers,
         check_effect=check_effect,
+        oracle=oracle,
     )
 
 

@@ -215,6 +215,40 @@ def measure(
     return Measurement(stats, warmup, iters, order, seed, thread_settings())
 
 
+class StepTimes:
+    """Times inside calls that produce a stream of items (generated tokens): the call runs `start()` when it
+    begins and `mark()` as each item arrives; the first mark gives the time to the first item (TTFT), the later
+    ones the time per item. One entry per call, so the calls of warm-up rounds can be dropped (`timed(warmup)`).
+    """
+
+    def __init__(self, clock: Clock = time.perf_counter):
+        self.clock = clock
+        self.calls: list[tuple[float, list[float]]] = []  # (first item ms, [next item ms, ...]) per call
+        self._last = 0.0
+        self._steps: list[float] | None = None
+
+    def start(self) -> None:
+        self._last, self._steps = self.clock(), None
+
+    def mark(self) -> None:
+        now = self.clock()
+        ms = (now - self._last) * 1e3
+        if self._steps is None:
+            self._steps = []
+            self.calls.append((ms, self._steps))
+        else:
+            self._steps.append(ms)
+        self._last = now
+
+    def timed(self, skip: int) -> tuple[list[float], list[float], list[float]]:
+        """(first-item ms per call, every later item's ms pooled, median item ms per call), after `skip` calls."""
+        calls = self.calls[skip:]
+        firsts = [f for f, _ in calls]
+        steps = [ms for _, s in calls for ms in s]
+        medians = [float(np.median(s)) for _, s in calls if s]
+        return firsts, steps, medians
+
+
 def time_calls(fn: Callable[[], Any], *, iters: int, warmup: int = 0, clock: Clock = time.perf_counter) -> list[float]:
     """Milliseconds for each of `iters` calls of `fn` (wall time of one-off steps like export or pack)."""
     for _ in range(warmup):

@@ -1,0 +1,188 @@
+"""`export-decoder`: a causal LM with its KV cache, as a folder ONNX Runtime GenAI and our generator both run.
+
+One graph serves prefill (past length 0), single-token decode and multi-token steps (`export.kv_cache`), with
+Optimum / GenAI I/O names from `lora_export.contract`. Layouts:
+
+- `merged`: at most one adapter, folded into the weights (`W0 + s·B·A`, as merge-and-export);
+- `inputs`: the LoRA name contract of branched graphs (rank-0 defaults = the base model), one adapter per call;
+- `bank`: a per-row adapter index `[batch]` plus the banks, so rows of one generating batch use different
+  adapters.
+
+The branched layouts are the same `export.branched` wiring (`lora_wiring`) and the same trace
+(`export.trace`) as `export-branched`; only the model inputs differ (the KV cache). The folder is written
+atomically (`decoder_folder` describes it): graph, manifest, `genai_config.json`, packed adapters, tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_export import contract
+from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.inject import merge_adapter
+from lora_export.adapters.layer import BranchFeed
+from lora_export.adapters.pack import write_packed
+from lora_export.contract import (
+    BATCH_DIM,
+    DECODER_LAYOUTS,
+    MERGED,
+    PAST_SEQUENCE_DIM,
+    SEQUENCE_DIM,
+    TOTAL_SEQUENCE_DIM,
+    GraphManifest,
+    decoder_input_names,
+    decoder_kind,
+    decoder_output_names,
+)
+from lora_export.decoder_folder import (
+    ADAPTER_SUFFIX,
+    ADAPTERS_DIR,
+    CONFIG_NAME,
+    DECODER_KEY,
+    MODEL_NAME,
+    TOKENIZER_FILES,
+    DecoderFacts,
+    genai_config,
+    search_defaults,
+)
+from lora_export.errors import UserError
+from lora_export.export import trace as trace_mod
+from lora_export.export.branched import lora_wiring
+from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inputs, probe
+from lora_export.export.manifest import build_manifest
+from lora_export.fileio import atomic_dir, write_json
+from lora_export.models.loading import LoadedModel
+from lora_export.onnxio import write_manifest
+
+TRACE_BATCH, TRACE_SEQ = 2, 3  # >= 2: torch.export specializes dims of size 0 and 1
+_WRITTEN = (MODEL_NAME, f"{MODEL_NAME}.data", f"{MODEL_NAME}.json", CONFIG_NAME, ADAPTERS_DIR, *TOKENIZER_FILES)
+
+
+@dataclass
+class DecoderExport:
+    path: Path  # the folder
+    manifest: GraphManifest
+    facts: DecoderFacts
+    adapters: dict[str, Path]  # NAME -> adapters/NAME.onnx_adapter
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_NAME
+
+
+def decoder_view(work: LoadedModel, facts: DecoderFacts, dtype) -> LoadedModel:
+    """`work` (LoRA already merged or wired) as the traceable `KvCacheLM`, with the decoder's I/O and dims."""
+    inputs = decoder_input_names(facts.num_layers)
+    outputs = decoder_output_names(facts.num_layers)
+    seq_axes = {0: BATCH_DIM, 1: SEQUENCE_DIM}
+    axes = {inputs[0]: seq_axes, inputs[1]: {0: BATCH_DIM, 1: TOTAL_SEQUENCE_DIM}, inputs[2]: seq_axes}
+    axes.update({n: {0: BATCH_DIM, 2: PAST_SEQUENCE_DIM} for n in inputs[3:]})
+    axes[outputs[0]] = seq_axes
+    axes.update({n: {0: BATCH_DIM, 2: TOTAL_SEQUENCE_DIM} for n in outputs[1:]})
+    return LoadedModel(
+        module=KvCacheLM(work.module, facts.num_layers).eval(),
+        arch="py",  # positional forward: `call_model` passes the inputs in order
+        source=work.source,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=axes,
+        make_inputs=lambda b, s, seed: example_inputs(facts, dtype, b, s, seed),
+        default_seq=TRACE_SEQ,
+    )
+
+
+def export_decoder(
+    loaded: LoadedModel,
+    out: str | Path,
+    *,
+    adapters: list[Adapter] = (),
+    layout: str = MERGED,
+    targets: list[str] | str | None = None,
+    max_rank: int | None = None,
+    dtype: str = "fp32",
+    opset: int | None = None,
+    force: bool = False,
+) -> DecoderExport:
+    """Write the decoder folder `out` for `loaded` with `adapters` in `layout`."""
+    out = Path(out)
+    adapters = list(adapters)
+    check_causal_lm(loaded.module, loaded.arch, loaded.source)
+    _check_request(out, adapters, layout, force)
+    torch_dtype = contract.torch_dtype(dtype)
+    work = loaded.copy(dtype=torch_dtype)
+    extra, feed, table = [], None, None
+    if layout == MERGED:
+        if adapters:
+            merge_adapter(work.module, adapters[0])
+    else:
+        wiring = lora_wiring(loaded, adapters, targets, layout, max_rank, dtype, TRACE_BATCH)
+        extra, table = wiring.extra, wiring.table
+        feed = BranchFeed(layout)
+        wiring.attach(work.module, feed)
+    facts = probe(loaded.module, loaded.source)
+    view = decoder_view(work, facts, torch_dtype)
+    model = trace_mod.trace(
+        view, extra=extra, feed=feed, batch=TRACE_BATCH, seq=TRACE_SEQ, opset=opset, dtype=torch_dtype
+    )
+    if table is not None:
+        wiring.finish(work.module, model, prefix="model.")  # KvCacheLM holds the model as `model`
+        table.base = _initializers(model)
+    manifest = build_manifest(decoder_kind(layout), view, model, adapters=adapters, dtype=dtype, slots=table)
+    manifest.model = {"source": loaded.source, "arch": loaded.arch}
+    manifest.extra[DECODER_KEY] = facts.to_dict()
+    search = search_defaults(getattr(loaded.module, "generation_config", None))
+    packed: dict[str, Path] = {}
+    with atomic_dir(out, replaceable=_WRITTEN if force else ()) as tmp:
+        trace_mod.save(model, tmp / MODEL_NAME)
+        write_manifest(tmp / MODEL_NAME, manifest)
+        write_json(tmp / CONFIG_NAME, genai_config(facts, MODEL_NAME, search))
+        _copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp)
+        if layout != MERGED and adapters:
+            (tmp / ADAPTERS_DIR).mkdir()
+            for a in adapters:
+                write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
+                packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
+    return DecoderExport(out, manifest, facts, packed)
+
+
+def _initializers(model):
+    """The traced graph's initializers by name (DoRA scales of the packed adapters read base weights)."""
+
+    def get(name: str) -> np.ndarray:
+        return np.asarray(model.graph.initializers[name].const_value.numpy())
+
+    return get
+
+
+def _check_request(out: Path, adapters: list[Adapter], layout: str, force: bool) -> None:
+    if layout not in DECODER_LAYOUTS:
+        raise UserError(f"unknown layout {layout!r}: choose {', '.join(DECODER_LAYOUTS)}")
+    if layout == MERGED and len(adapters) > 1:
+        raise UserError(
+            f"layout merged folds one adapter, got {len(adapters)}: give one --adapter, or use --layout inputs|bank"
+        )
+    names = [a.name for a in adapters]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"two adapters are named {dupes[0]!r}: adapters in a folder need distinct directory names")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists: pass --force to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: give a folder path")
+
+
+def _copy_tokenizer(source: str, folder: Path) -> list[str]:
+    """Tokenizer files of a local model directory, so GenAI and `generate --prompt` can tokenize."""
+    src = Path(source)
+    if not src.is_dir():
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, folder / name)
+            copied.append(name)
+    return copied

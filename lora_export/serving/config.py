@@ -1,0 +1,78 @@
+"""`ServeConfig`: everything `lora-export serve` was asked for, checked before Ray starts."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_export.decoder_folder import read_folder
+from lora_export.errors import UserError
+
+
+@dataclass
+class ServeConfig:
+    folder: str  # a decoder folder (export-decoder): model.onnx + genai_config.json
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> path, loaded at start
+    model_name: str | None = None  # the base model's name in the API; default: the folder's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_replicas_per_node: int | None = None
+    max_batch_size: int = 32
+    batch_wait_ms: float = 10.0
+    address: str | None = None  # join this Ray cluster instead of starting one
+    api_key: str | None = None
+    threads: int | None = None  # ONNX Runtime intra-op threads per replica (default: ORT's)
+    cpus_per_replica: float = 1.0  # Ray resources a replica asks for
+    folder_adapters: bool = True  # also serve the folder's adapters/NAME.onnx_adapter as NAME
+    app_name: str = "lora-export"
+
+    def __post_init__(self) -> None:
+        self.folder = str(Path(self.folder).resolve())
+        self.adapters = {n: str(Path(p).resolve()) for n, p in self.adapters.items()}
+        if self.model_name is None:
+            self.model_name = Path(self.folder).name
+        if self.address is None:
+            self.address = os.environ.get("RAY_ADDRESS") or None
+
+    def check(self) -> None:
+        """One-line errors for what can be checked without Ray: the folder, the numbers, the names."""
+        read_folder(self.folder)  # a decoder folder: genai_config.json, the graph it names
+        for name, value in (("replicas", self.replicas), ("max-batch-size", self.max_batch_size)):
+            if value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
+        if self.batch_wait_ms < 0:
+            raise UserError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port must be 1..65535, got {self.port}")
+        for name, path in self.served_adapters().items():
+            if name == self.model_name:
+                raise UserError(f"adapter name {name!r} is the base model's name: pick another name")
+            if not Path(path).exists():
+                raise UserError(f"adapter {name!r}: {path} does not exist")
+
+    def served_adapters(self) -> dict[str, str]:
+        """The adapters served from the start: the folder's own (unless turned off), then --adapter ones."""
+        from lora_export.serving.model import folder_adapters
+
+        own = folder_adapters(self.folder) if self.folder_adapters else {}
+        return {**own, **self.adapters}
+
+    def context_length(self) -> int:
+        return read_folder(self.folder).facts.context_length
+
+
+def parse_adapter_option(values: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`--adapter NAME=PATH` (repeatable); a bare PATH is named after its file or folder."""
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep:
+            name, path = Path(value).name.split(".")[0], value
+        if not name or not path:
+            raise UserError(f"--adapter {value!r}: write NAME=PATH")
+        if name in out:
+            raise UserError(f"--adapter names {name!r} twice: give each adapter its own name")
+        out[name] = path
+    return out

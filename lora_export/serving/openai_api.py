@@ -1,0 +1,207 @@
+"""The OpenAI-compatible HTTP app (FastAPI) over a `Backend`; no Ray here.
+
+Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, `POST /v1/load_lora_adapter`,
+`POST /v1/unload_lora_adapter`, `GET /stats` (scheduler counters per replica), `GET /health`. With an API
+key, every route but `/health` needs `Authorization: Bearer KEY`. Bodies are parsed here (not by FastAPI) so
+that malformed JSON and bad parameters get OpenAI's error body with a 400, never FastAPI's 422.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lora_export.serving import protocol as p
+from lora_export.serving.protocol import ApiError, EngineRequest
+
+log = logging.getLogger("lora_export.serving")
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the serving side (the Ray ingress implements it).
+
+    `stream` yields engine events: first `{"prompt_tokens": n}` once the request is accepted (an ApiError is
+    raised instead when it is not), then `{"ids": [...], "text": "..."}` deltas, last `{"finish": reason,
+    "prompt_tokens", "completion_tokens"[, "error"]}`. `complete` returns the whole result at once:
+    `{"ids", "text", "finish", "prompt_tokens", "completion_tokens"[, "error"]}`."""
+
+    def model_cards(self) -> list[dict[str, Any]]: ...
+
+    def resolve(self, model: str) -> p.AdapterRef | None: ...
+
+    async def complete(self, request: EngineRequest) -> dict[str, Any]: ...
+
+    def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+
+def build_http_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="lora-export serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException):
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, e: Exception):
+        log.exception("internal error")
+        error = ApiError(500, f"Internal server error: {type(e).__name__}: {e}")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                what = "No API key provided" if not header else "Incorrect API key provided"
+                error = ApiError(401, f"{what}: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("ok")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": backend.model_cards()}
+
+    @app.get("/stats")
+    async def stats():
+        return await backend.stats()
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        body = p.validate(p.LoadLoRAAdapterRequest, p.parse_json(await request.body()))
+        await backend.load_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        body = p.validate(p.UnloadLoRAAdapterRequest, p.parse_json(await request.body()))
+        await backend.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = p.validate(p.CompletionRequest, p.parse_json(await request.body()))
+        body.check_supported()
+        adapter = backend.resolve(body.model)
+        reqs = [EngineRequest(x, None, adapter, body.sampling(body.max_tokens)) for x in body.prompts()]
+        return await _answer(body, reqs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = p.validate(p.ChatCompletionRequest, p.parse_json(await request.body()))
+        body.check_supported()
+        adapter = backend.resolve(body.model)
+        reqs = [EngineRequest(None, body.conversation(), adapter, body.sampling(body.limit()))]
+        return await _answer(body, reqs, chat=True)
+
+    async def _answer(body: p._Request, reqs: list[EngineRequest], *, chat: bool):
+        rid = p.new_id("chatcmpl" if chat else "cmpl")
+        ids = body.return_token_ids
+        if body.stream:
+            streams = [backend.stream(r) for r in reqs]
+            try:
+                firsts = [await s.__anext__() for s in streams]  # accepted, or an ApiError -> its status
+            except BaseException:
+                await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+                raise
+            events = _merge(streams)
+            prompt_tokens = sum(f["prompt_tokens"] for f in firsts)
+            gen = _sse(events, rid, body.model, chat, ids, prompt_tokens, body.include_usage(), len(reqs))
+            return StreamingResponse(gen, media_type="text/event-stream")
+        results = await asyncio.gather(*(backend.complete(r) for r in reqs))
+        choices = []
+        for i, res in enumerate(results):
+            if res.get("error"):
+                raise ApiError(500, f"Generation failed: {res['error']}")
+            make = p.chat_choice if chat else p.completion_choice
+            choices.append(make(i, res["text"], p.finish_reason(res["finish"]), res["ids"] if ids else None))
+        use = p.usage(sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results))
+        return (p.chat_reply if chat else p.completion_reply)(rid, body.model, choices, use)
+
+    return app
+
+
+async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Events of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for event in streams[0]:
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+        except Exception as e:  # the engine went away mid-stream
+            await queue.put((i, {"finish": "error", "error": str(e), "prompt_tokens": 0, "completion_tokens": 0}))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(streams):
+            i, event = await queue.get()
+            done += "finish" in event
+            yield i, event
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+
+
+async def _sse(
+    events: AsyncIterator[tuple[int, dict[str, Any]]],
+    rid: str,
+    model: str,
+    chat: bool,
+    with_ids: bool,
+    prompt_tokens: int,
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[bytes]:
+    """OpenAI's chunk stream: (chat: a role chunk per choice,) text chunks, a finish chunk per choice, a usage
+    chunk when asked, `data: [DONE]`. An engine failure mid-stream becomes an error event before [DONE]."""
+    completion_tokens = 0
+    try:
+        if chat:
+            for i in range(n):
+                choice = p.chunk_choice(i, True, "", None, [] if with_ids else None, role=True)
+                yield p.sse(p.chunk(rid, model, True, [choice]))
+        async for i, event in events:
+            if "finish" in event:
+                if event.get("error"):
+                    yield p.sse(ApiError(500, f"Generation failed: {event['error']}").body())
+                    continue
+                completion_tokens += event["completion_tokens"]
+                choice = p.chunk_choice(i, chat, "", p.finish_reason(event["finish"]), [] if with_ids else None)
+                yield p.sse(p.chunk(rid, model, chat, [choice]))
+            elif "ids" in event:
+                choice = p.chunk_choice(i, chat, event["text"], None, event["ids"] if with_ids else None)
+                yield p.sse(p.chunk(rid, model, chat, [choice]))
+        if include_usage:
+            yield p.sse(p.chunk(rid, model, chat, [], p.usage(prompt_tokens, completion_tokens)))
+        yield p.sse("[DONE]")
+    finally:
+        await events.aclose()

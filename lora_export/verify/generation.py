@@ -1,0 +1,228 @@
+"""Generation check of a decoder folder: greedy tokens vs transformers `generate` on the PyTorch model.
+
+The reference is the PyTorch model with the adapter resident and unmerged (PEFT's forward), running
+transformers `generate` with its own KV cache on each prompt ALONE (no padding). The candidate is our
+`Generator` on the folder, running all prompts of a case as ONE left-padded batch through the batch-level
+API (prefill, then decode steps), so padding, per-row positions and per-row adapters are what is checked.
+
+Per case: tokens must be identical (greedy, eos ignored so every row runs `new_tokens` steps); the
+next-token logits of every step up to the first differing token are compared (max abs error). When the
+folder has adapters, the adapter must move the logits visibly above the error (a dropped adapter fails).
+
+Cases by layout: merged -> the folded adapter (or the base model); inputs -> each adapter, then none;
+bank -> one batch whose rows cycle through the adapters and none.
+
+A quantized folder (`optimize --quantize`) cannot be token-exact: it passes on greedy-token agreement (the
+share of positions where its tokens equal the reference's, `GENERATION_AGREEMENT[scheme]`), the first
+token of every row equal, and the first step's logits cosine (`parity.QUANTIZED_CRITERIA`); the adapter must
+move the logits well above the quantization noise (mean abs error).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.inject import attach_adapter, lora_layers
+from lora_export.adapters.peft_io import read_adapter
+from lora_export.contract import BANK, INPUTS, MERGED
+from lora_export.errors import UserError
+from lora_export.models.loading import LoadedModel
+
+DEFAULT_SHAPES = [(1, 8), (3, 11)]  # (rows, longest prompt); rows get different lengths (left padding)
+# quantized folders: minimum share of greedy positions equal to the float reference's
+GENERATION_AGREEMENT = {"int8": 0.75, "int8-block": 0.9, "int4": 0.5}
+
+
+@dataclass
+class GenerationCase:
+    label: str
+    adapters: list[str | None]
+    prompt_lengths: list[int]
+    reference: list[list[int]]
+    candidate: list[list[int]]
+    first_mismatch: list[int | None]  # per row: the first step whose token differs, None when identical
+    max_logits_err: float  # over every row and step up to the first mismatch
+    effect: float | None = None  # max |logits(adapter) - logits(base)| at the first step, when an adapter is used
+    passed: bool = False
+    reason: str = ""
+    agreement: float | None = None  # share of equal greedy tokens (every row and position)
+    first_logits_cosine: float | None = None  # quantized folders: the first step's logits vs the reference
+
+
+@dataclass
+class GenerationReport:
+    folder: str
+    layout: str
+    new_tokens: int
+    atol: float
+    cases: list[GenerationCase] = field(default_factory=list)
+    quantization: str | None = None  # the folder's scheme: agreement criteria instead of token-exact
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.cases) and all(c.passed for c in self.cases)
+
+    def worst(self) -> float:
+        return max((c.max_logits_err for c in self.cases), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def make_prompts(vocab: int, rows: int, longest: int, seed: int) -> list[list[int]]:
+    """`rows` prompts of different lengths (the longest first), random ids in [1, vocab)."""
+    rng = np.random.default_rng(seed)
+    lengths = [max(1, longest - 3 * i) for i in range(rows)]
+    return [rng.integers(1, vocab, size=n).tolist() for n in lengths]
+
+
+class Reference:
+    """The PyTorch model (a private copy) with one adapter resident at a time; greedy transformers `generate`."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.model = copy.deepcopy(loaded.module).float().eval()
+
+    def use(self, adapter: Adapter | None) -> None:
+        if adapter is not None:
+            attach_adapter(self.model, adapter)
+        else:
+            for layer in lora_layers(self.model).values():
+                layer.set_lora(None)
+
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
+        """(tokens, logits `[new_tokens, vocab]`) of greedy `generate` on one prompt, eos ignored."""
+        config = copy.deepcopy(self.model.generation_config)
+        # every row runs `new_tokens` steps: no eos at all (None would be replaced by the model's default)
+        config.eos_token_id = []
+        config.do_sample = False
+        config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        config.max_new_tokens = new_tokens
+        config.output_logits = True
+        config.return_dict_in_generate = True
+        ids = torch.tensor([prompt], dtype=torch.long)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        tokens = out.sequences[0, len(prompt) :].tolist()
+        return tokens, torch.stack([step[0] for step in out.logits]).float().numpy()
+
+
+def greedy_batch(gen, prompts: list[list[int]], rows: list[str | None], new_tokens: int):
+    """Our side: one left-padded batch, greedy, eos ignored; (tokens per row, logits `[rows, steps, vocab]`)."""
+    batch = gen.prefill(prompts, adapters=rows if gen.layout == BANK else None, adapter=_one(rows, gen.layout))
+    logits, tokens = [], []
+    for i in range(new_tokens):
+        logits.append(batch.logits.copy())
+        next_tokens = np.argmax(batch.logits, axis=-1)
+        tokens.append(next_tokens)
+        if i + 1 < new_tokens:
+            gen.step(batch, next_tokens)
+    return np.stack(tokens, axis=1).tolist(), np.stack(logits, axis=1)
+
+
+def _one(rows: list[str | None], layout: str) -> str | None:
+    return None if layout == BANK else rows[0]
+
+
+def verify_generation(
+    loaded: LoadedModel,
+    folder: str | Path,
+    adapters: list[Adapter] = (),
+    *,
+    new_tokens: int = 16,
+    shapes: list[tuple[int, int]] | None = None,
+    seeds: list[int] = (0,),
+    atol: float | None = None,
+) -> GenerationReport:
+    from lora_export.runtime.generator import Generator
+
+    with Generator(folder) as gen:
+        layout = gen.layout
+        adapters = list(adapters)
+        if layout == MERGED and len(adapters) > 1:
+            raise UserError("a merged folder folds one adapter: give the one it was exported with (or none)")
+        if layout != MERGED:
+            for a in adapters:  # given adapters replace the folder's own of the same name
+                gen.load_adapter(a.name, a)
+            if not adapters:
+                adapters = [read_adapter(p, name=n) for n, p in gen.folder.adapter_files.items()]
+        dtype = (gen.folder.manifest.dtype if gen.folder.manifest is not None else "fp32") or "fp32"
+        atol = atol if atol is not None else (1e-4 if dtype == "fp32" else 5e-2)
+        from lora_export.passes.quantize import graph_scheme
+
+        scheme = graph_scheme(Path(folder) / "model.onnx")
+        report = GenerationReport(str(folder), layout, new_tokens, atol, quantization=scheme)
+        ref = Reference(loaded)
+        by_name = {a.name: a for a in adapters}
+        for rows_needed, longest in shapes or DEFAULT_SHAPES:
+            for seed in seeds:
+                prompts = make_prompts(gen.facts.vocab_size, rows_needed, longest, seed)
+                for label, rows in _cases(layout, adapters, len(prompts)):
+                    name = f"{label} {rows_needed}x{longest} seed {seed}"
+                    case = _run_case(gen, ref, by_name, name, prompts, rows, new_tokens, atol, layout, scheme)
+                    report.cases.append(case)
+    return report
+
+
+def _cases(layout: str, adapters: list[Adapter], n: int) -> list[tuple[str, list[str | None]]]:
+    if layout == MERGED:
+        return [(f"merged {adapters[0].name}" if adapters else "base", [adapters[0].name if adapters else None] * n)]
+    if layout == INPUTS:
+        return [(f"adapter {a.name}", [a.name] * n) for a in adapters] + [("no adapter", [None] * n)]
+    cycle = [a.name for a in adapters] + [None]
+    rows = [cycle[i % len(cycle)] for i in range(n)]
+    return [("bank rows " + ",".join(r or "-" for r in rows), rows)]
+
+
+def _run_case(gen, ref, by_name, label, prompts, rows, new_tokens, atol, layout, scheme=None) -> GenerationCase:
+    ours, our_logits = greedy_batch(gen, prompts, rows if layout != MERGED else [None] * len(rows), new_tokens)
+    case = GenerationCase(label, rows, [len(p) for p in prompts], [], ours, [], 0.0)
+    effect, first_err, cosines = None, 0.0, []
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        ref.use(by_name.get(row) if row is not None else None)
+        tokens, logits = ref.generate(prompt, new_tokens)
+        case.reference.append(tokens)
+        mismatch = next((j for j, (a, b) in enumerate(zip(tokens, ours[i])) if a != b), None)
+        case.first_mismatch.append(mismatch)
+        upto = new_tokens if mismatch is None else mismatch + 1
+        err = float(np.abs(our_logits[i, :upto] - logits[:upto]).max())
+        case.max_logits_err = max(case.max_logits_err, err)
+        first_err = max(first_err, float(np.abs(our_logits[i, 0] - logits[0]).mean()))
+        a, b = our_logits[i, 0].astype(np.float64), logits[0].astype(np.float64)
+        cosines.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+        if row is not None:
+            ref.use(None)
+            _, base = ref.generate(prompt, 1)
+            moved = float(np.abs(logits[0] - base[0]).max())
+            effect = moved if effect is None else min(effect, moved)
+    case.effect = effect
+    pairs = [(a, b) for ref_row, our_row in zip(case.reference, ours) for a, b in zip(ref_row, our_row)]
+    case.agreement = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    problems = []
+    if scheme is None:
+        if any(m is not None for m in case.first_mismatch):
+            problems.append("tokens differ")
+        if case.max_logits_err > atol:
+            problems.append(f"logits error {case.max_logits_err:.2e} > {atol:g}")
+        noise = case.max_logits_err
+    else:
+        from lora_export.verify.parity import QUANTIZED_CRITERIA
+
+        case.first_logits_cosine = min(cosines)
+        if case.agreement < GENERATION_AGREEMENT[scheme]:
+            problems.append(f"greedy-token agreement {case.agreement:.3f} < {GENERATION_AGREEMENT[scheme]} ({scheme})")
+        if any(m == 0 for m in case.first_mismatch):
+            problems.append("the first token differs")
+        if case.first_logits_cosine < QUANTIZED_CRITERIA[scheme]["cosine"]:
+            problems.append(f"first-step logits cosine {case.first_logits_cosine:.4f} too low for {scheme}")
+        noise = first_err
+    if effect is not None and effect <= 10 * max(noise, 1e-7):
+        problems.append(f"the adapter barely moves the logits ({effect:.2e}): dropped somewhere?")
+    case.passed, case.reason = not problems, "; ".join(problems)
+    return case
