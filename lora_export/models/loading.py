@@ -105,9 +105,7 @@ def _load_sample(name: str, spec: str, lazy: bool = False) -> LoadedModel:
     if lazy and SAMPLES[name].model_class:
         with params_on_meta():
             module, _ = build_sample(name)
-        loaded = wrap_transformers(module, spec)
-        loaded.rebuild = lambda: _load_sample(name, spec)
-        return loaded
+        return _wrap_skeleton(module, spec, lambda: _load_sample(name, spec))
     module, sample = build_sample(name)
     if sample.arch == "convnet":
         return LoadedModel(
@@ -123,11 +121,12 @@ def _load_sample(name: str, spec: str, lazy: bool = False) -> LoadedModel:
     return wrap_transformers(module, spec)
 
 
-def wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
-    """A transformers model with its I/O read from the model (class, forward signature, config, one probe)."""
+def wrap_transformers(module: nn.Module, spec: str, probe: nn.Module | None = None) -> LoadedModel:
+    """A transformers model with its I/O read from the model (class, forward signature, config, one probe
+    forward, on `probe` when given: a stand-in of the same class and shapes)."""
     module.eval()
     config = module.config
-    io = describe(module, spec)
+    io = describe(module if probe is None else probe.eval(), spec)
     return LoadedModel(
         module=module,
         arch=config.model_type,
@@ -166,11 +165,32 @@ def _load_transformers_dir(path: Path, spec: str, lazy: bool = False) -> LoadedM
             "and weights (re-save it with save_pretrained)"
         ) from e
     module.config.use_cache = False
-    loaded = wrap_transformers(module, spec)
-    loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
     if files is not None:
+        loaded = _wrap_skeleton(module, spec, lambda: _load_transformers_dir(path, spec))
+        if loaded.rebuild is None:  # it needed its weights after all
+            return loaded
         loaded.checkpoint = path
-        loaded.rebuild = lambda: _load_transformers_dir(path, spec)
+    else:
+        loaded = wrap_transformers(module, spec)
+    loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
+    return loaded
+
+
+def _wrap_skeleton(module: nn.Module, spec: str, rebuild) -> LoadedModel:
+    """A weightless model with `rebuild` to load its weights. A model whose probe forward cannot run on meta
+    weights (data-dependent checks such as BERT's `.item()` on its mask) is probed on a random stand-in of the
+    same shapes (its memory is held only for the probe)."""
+    try:
+        loaded = wrap_transformers(module, spec)
+    except UserError:  # probe a stand-in with real (random) tensors of the same shapes, then drop it
+        stand_in = copy.deepcopy(module)  # buffers (position ids, ...) stay the real ones
+        for sub in stand_in.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_meta:
+                    sub._parameters[name] = nn.Parameter(torch.randn(p.shape).to(p.dtype) * 0.02, requires_grad=False)
+        loaded = wrap_transformers(module, spec, probe=stand_in)
+        del stand_in
+    loaded.rebuild = rebuild
     return loaded
 
 
