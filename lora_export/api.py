@@ -8,7 +8,12 @@ report = api.verify_task("sample:e2e", "e2e_folder/", split="test", limit=50)   
 The CLI commands parse their options, call these functions and display what they return; the orchestration
 (load -> export -> verify, which adapters verify a graph, the demo) lives here once. Slow functions take
 `progress`: a callable that gets a step label and returns a context manager held while that step runs (the
-CLI's spinner); None runs quietly.
+CLI's spinner); None runs quietly. When that context manager yields a callable, long exports call it as
+`update(bytes written, total bytes, tensor name)` while the weights are written.
+
+Exports given a model by name load it lazily (`load_model(spec, lazy=True)`): the graph is traced from a
+weightless skeleton and the weights are streamed from the checkpoint, and verification loads the model once,
+for the PyTorch side only.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ AdapterLike = str | Path | Adapter
 Progress = Callable[[str], AbstractContextManager[Any]]
 
 
-def as_model(model: ModelLike) -> LoadedModel:
-    return model if isinstance(model, LoadedModel) else load_model(model)
+def as_model(model: ModelLike, *, lazy: bool = False) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model, lazy=lazy)
 
 
 def as_adapter(adapter: AdapterLike, *, allow_nonfinite: bool = False) -> Adapter:
@@ -52,6 +57,19 @@ def as_adapter(adapter: AdapterLike, *, allow_nonfinite: bool = False) -> Adapte
 
 def _step(progress: Progress | None, label: str) -> AbstractContextManager[Any]:
     return progress(label) if progress is not None else contextlib.nullcontext()
+
+
+def _check_verifiable(dtype: str, verify: bool) -> None:
+    if verify and dtype == "bf16":
+        raise UserError(
+            "a bf16 graph cannot be verified here (ONNX Runtime's CPU kernels have no bf16): pass --no-verify "
+            "and check it on a GPU runtime, or export --dtype fp16"
+        )
+
+
+def _writer(update: Any):
+    """The step's progress callable, when the progress hook gave one."""
+    return update if callable(update) else None
 
 
 def _loading(model: ModelLike) -> str:
@@ -99,12 +117,15 @@ def merge_and_export(
     from lora_export.export.merged import export_merged
     from lora_export.verify.check import verify_graph
 
+    _check_verifiable(export_kwargs.get("dtype", "fp32"), verify)
     adapter = one_adapter(adapter)
     with _step(progress, _loading(model)):
-        loaded = as_model(model)
+        loaded = as_model(model, lazy=True)
         ad = as_adapter(adapter, allow_nonfinite=allow_nonfinite) if adapter is not None else None
-    with _step(progress, "merging and exporting"):
-        result = export_merged(loaded, ad, out, allow_nonfinite=allow_nonfinite, **export_kwargs)
+    with _step(progress, "merging and exporting") as update:
+        result = export_merged(
+            loaded, ad, out, allow_nonfinite=allow_nonfinite, on_write=_writer(update), **export_kwargs
+        )
     report = None
     if verify:
         with _step(progress, "verifying against PyTorch"):
@@ -126,11 +147,12 @@ def export_branched(
     from lora_export.verify.check import verify_graph
 
     layout = export_kwargs.get("layout", INPUTS)
+    _check_verifiable(export_kwargs.get("dtype", "fp32"), verify)
     with _step(progress, _loading(model)):
-        loaded = as_model(model)
+        loaded = as_model(model, lazy=True)
         ads = [as_adapter(a) for a in adapters]
-    with _step(progress, f"exporting branched ({layout})"):
-        result = _export(loaded, out, adapters=ads, **export_kwargs)
+    with _step(progress, f"exporting branched ({layout})") as update:
+        result = _export(loaded, out, adapters=ads, on_write=_writer(update), **export_kwargs)
     report = None
     if verify:
         with _step(progress, "verifying against PyTorch"):
@@ -150,7 +172,7 @@ def verify(
     `kwargs` go to `verify.check.verify_backends` (reference, candidate, engine_path, shapes, seeds, ...)."""
     from lora_export.verify.check import verify_backends
 
-    loaded = as_model(model)
+    loaded = as_model(model, lazy=True)
     ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
     return verify_backends(loaded, ads, onnx_path=onnx_path, **kwargs)
 
@@ -193,9 +215,9 @@ def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[
     if path.suffix == ".onnx":
         return inspection.inspect_onnx(path)
     if not text.startswith(("sample:", "py:")) and (path.is_file() or (path / "adapter_config.json").exists()):
-        base = sum(p.numel() for p in as_model(base_model).module.parameters()) if base_model else None
+        base = sum(p.numel() for p in as_model(base_model, lazy=True).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
-    loaded = as_model(text)
+    loaded = as_model(text, lazy=True)  # shapes only: weights stay on disk
     return inspection.inspect_model(
         loaded.module, loaded.arch, loaded.source, _defaults_or_none(loaded.arch, loaded.module)
     )
@@ -217,7 +239,7 @@ def make_adapter(
     alpha = check_finite_alpha(alpha, "--alpha")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise UserError(f"--r {r!r}: the rank must be a positive integer")
-    loaded = as_model(model)
+    loaded = as_model(model, lazy=True)  # shapes only
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists: pass --force to overwrite it")

@@ -14,8 +14,10 @@ from lora_export.contract import SLOTS_METADATA, GraphManifest, SlotTable
 from lora_export.errors import UserError
 from lora_export.fileio import manifest_path, read_json, write_json
 
-# Weights above this many bytes go to a side file: protobuf cannot hold a message over 2 GB.
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+# Weights above this many bytes go to a side file (`<graph>.data`), written one tensor at a time. Protobuf
+# cannot hold a message over 2 GB, and a graph with its weights inside is built whole in memory (two to three
+# times the weights) before it is written; only small graphs are kept in one file.
+EXTERNAL_DATA_THRESHOLD = 64 * 1024**2
 
 
 def load_onnx_header(path: str | Path):

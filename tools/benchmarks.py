@@ -620,6 +620,23 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
+# Sections of BENCHMARKS.md written by other tools (tools/bench_scale.py), kept when this suite rewrites the file.
+KEPT_SECTIONS = ("## Export memory at scale",)
+
+
+def kept_sections(path: Path) -> str:
+    """The sections of `path` that other tools own (each runs to the next `## ` heading or the end)."""
+    if not path.exists():
+        return ""
+    text, kept = path.read_text(), []
+    for heading in KEPT_SECTIONS:
+        start = text.find("\n" + heading)
+        if start >= 0:
+            end = text.find("\n## ", start + 1)
+            kept.append(text[start : end if end >= 0 else len(text)].rstrip("\n") + "\n")
+    return "".join(kept)
+
+
 def main(argv: list[str] | None = None) -> Suite:
     from lora_export.verify.report import machine_info, now_utc
 
@@ -633,7 +650,7 @@ def main(argv: list[str] | None = None) -> Suite:
     md = to_markdown(suite, machine, command, now_utc())
     log(f"done in {time.perf_counter() - t0:.0f} s")
     if args.out:
-        Path(args.out).write_text(md)
+        Path(args.out).write_text(md + kept_sections(Path(args.out)))
         log(f"wrote {args.out}")
     else:
         print(md)

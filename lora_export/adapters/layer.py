@@ -173,7 +173,14 @@ class LoraLayer(nn.Module):
 def merged_weight(base: nn.Module, lora: ModuleLora, *, allow_nonfinite: bool = False, path: str = "") -> torch.Tensor:
     """`W0 + s·B·A` computed in float32, cast back to the base dtype; refuses non-finite results."""
     w0 = base.weight.detach()
-    merged = lora.merged_with(w0, in_out=stores_in_out(base), where=path)  # Conv1D, Embedding: [in, out]
+    return merged_tensor(w0, lora, in_out=stores_in_out(base), allow_nonfinite=allow_nonfinite, path=path)
+
+
+def merged_tensor(
+    w0: torch.Tensor, lora: ModuleLora, *, in_out: bool = False, allow_nonfinite: bool = False, path: str = ""
+) -> torch.Tensor:
+    """`merged_weight` on a weight tensor (`in_out`: stored `[in, out]`, as GPT-2's Conv1D and nn.Embedding)."""
+    merged = lora.merged_with(w0, in_out=in_out, where=path)
     if not allow_nonfinite and not torch.isfinite(merged).all():
         raise AdapterError(
             f"{path}: merging gives NaN/Inf in {w0.dtype} (values too large); "

@@ -1,14 +1,23 @@
-"""PyTorch runner: the reference (the model with the LoRA branch resident, PEFT's unmerged semantics)."""
+"""PyTorch runner: the reference (the model with the LoRA branch resident, PEFT's unmerged semantics).
+
+One model serves every adapter: the runner wraps the adapted modules of all its adapters once and swaps
+which adapter is resident (`use`), as PEFT's set_adapter does. On the model's own device and dtype it runs a
+new module tree over the caller's weight tensors (no copy, the caller's model untouched); a lazily loaded
+model is loaded on entry and released on exit.
+"""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.inject import attach_adapter
+from lora_export.adapters.inject import check_fits, lora_layers, wrap_modules
 from lora_export.backends import Feeds
 from lora_export.models.loading import LoadedModel, call_model
+from lora_export.models.skeleton import shared_module
 
 
 class TorchRunner:
@@ -21,20 +30,39 @@ class TorchRunner:
         *,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        adapters: list[Adapter] = (),
     ):
+        """`adapter` is resident from the start; `adapters` (more of them) can be made resident with `use`."""
         self.loaded, self.adapter, self.device, self.dtype = loaded, adapter, device, dtype
+        self.adapters = [a for a in [adapter, *adapters] if a is not None]
         self.model: LoadedModel | None = None
 
     def __enter__(self) -> TorchRunner:
-        model = self.loaded.copy(device=self.device, dtype=self.dtype)
-        model.module.eval()
-        if self.adapter is not None:
-            attach_adapter(model.module, self.adapter)
-        self.model = model
+        self.model = self._own_model()
+        self.model.module.eval()
+        for a in self.adapters:
+            check_fits(self.model.module, a)
+        wrap_modules(self.model.module, sorted({p for a in self.adapters for p in a.modules}))
+        self.use(self.adapter)
         return self
 
     def __exit__(self, *exc) -> None:
         self.model = None
+
+    def _own_model(self) -> LoadedModel:
+        """A model this runner may wrap: the caller's weights under a new module tree when they already have the
+        runner's device and dtype, else a converted copy."""
+        model = self.loaded.materialized()
+        if all(p.device == torch.device(self.device) and p.dtype == self.dtype for p in _floating(model.module)):
+            own = copy.copy(model)
+            own.module = shared_module(model.module)
+            return own
+        return model.copy(device=self.device, dtype=self.dtype)
+
+    def use(self, adapter: Adapter | None) -> None:
+        """Make `adapter` (one given to the runner) resident; None runs the base model."""
+        for path, layer in lora_layers(self.model.module).items():
+            layer.set_lora(adapter.modules.get(path) if adapter is not None else None)
 
     def _tensors(self, feeds: Feeds) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -62,3 +90,7 @@ class TorchRunner:
         """Wait for queued CUDA kernels (the timed region must end with the work done)."""
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize(self.device)
+
+
+def _floating(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]

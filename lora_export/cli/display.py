@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -14,7 +14,8 @@ err = Console(stderr=True)
 
 
 class Steps:
-    """`with steps("tracing"):` shows a spinner, then a check line with the elapsed time."""
+    """`with steps("tracing") as update:` shows a spinner, then a check line with the elapsed time;
+    `update(done, total, detail)` (bytes) adds the progress of a long write to the spinner's line."""
 
     def __enter__(self) -> Steps:
         self.timings: dict[str, float] = {}
@@ -24,10 +25,15 @@ class Steps:
         pass
 
     @contextlib.contextmanager
-    def __call__(self, label: str) -> Iterator[None]:
+    def __call__(self, label: str) -> Iterator[Callable[[int, int, str], None]]:
         t0 = time.perf_counter()
-        with err.status(f"{label}...", spinner="dots"):
-            yield
+        with err.status(f"{label}...", spinner="dots") as status:
+
+            def update(done: int, total: int, detail: str = "") -> None:
+                share = f" {done / 1e9:.2f}/{total / 1e9:.2f} GB" if total else ""
+                status.update(f"{label}...{share} {detail}".rstrip())
+
+            yield update
         self.timings[label] = time.perf_counter() - t0
         err.print(f"[green]✓[/green] {label} [dim]({self.timings[label]:.1f}s)[/dim]")
 

@@ -37,7 +37,13 @@ def export_options(f):
     f = click.option(
         "--opset", type=click.IntRange(18, 30), default=None, help="ONNX opset (default: the exporter's)."
     )(f)
-    f = click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)(f)
+    f = click.option(
+        "--dtype",
+        type=click.Choice(["fp32", "fp16", "bf16"]),
+        default="fp32",
+        show_default=True,
+        help="Weights and compute precision (bf16 graphs need a GPU runtime: ONNX Runtime CPU cannot run them).",
+    )(f)
     f = click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")(f)
     return f
 

@@ -59,6 +59,7 @@ from lora_export.errors import AdapterError, UserError, named
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
+from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton, plan_untie
 from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
@@ -321,22 +322,32 @@ def export_branched(
     seq: int = 16,
     dora: bool = False,
     saved_modules: list[str] | None = None,
+    on_write: OnWrite | None = None,
 ) -> ExportResult:
-    out = check_output_path(out, force)
+    """Export with LoRA slots for `adapters`' modules (or `targets`); weights streamed as in `export_merged`."""
     adapters = list(adapters)
     wiring = lora_wiring(
         loaded, adapters, targets, layout, max_rank, dtype, batch, dora=dora, saved_modules=saved_modules
     )
     torch_dtype = contract.torch_dtype(dtype)
-    work = loaded.copy(dtype=torch_dtype)
+    if wiring.table.saved:  # modules_to_save defaults are the model's values: built from the loaded weights
+        plan = None
+        work = loaded.materialized().copy(dtype=torch_dtype)
+        out = check_output_path(out, force)
+    else:
+        work, plan = export_skeleton(loaded, torch_dtype)
+        plan_untie(work, plan, wiring.paths)  # a slot's base weight is its own (bake, refit), streamed as well
+        lora_bytes = sum(e.default.numel() * e.default.element_size() for e in wiring.extra if e.default is not None)
+        check_disk_space(Path(out), plan.weight_bytes(work.module) + lora_bytes)
+        out = check_output_path(out, force)
     feed = BranchFeed(layout)
     wiring.attach(work.module, feed)
     model = trace_mod.trace(
-        work, extra=wiring.extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype
+        work, extra=wiring.extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype, weights=plan
     )
     wiring.finish(work.module, model)
     manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=wiring.table)
     with all_or_nothing() as files:  # the graph and its manifest, or neither
-        files += trace_mod.save(model, out)
+        files += trace_mod.save(model, out, on_write=on_write)
         write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

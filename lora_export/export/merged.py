@@ -1,4 +1,8 @@
-"""Merged export: fold `s·B·A` into the base weights, then trace (zero inference cost, one adapter baked in)."""
+"""Merged export: fold `s·B·A` into the base weights (zero inference cost, one adapter baked in).
+
+Streamed (`export.stream`): the graph is traced from a weightless skeleton and each weight is merged and
+written when the graph is saved, one module at a time; the caller's model is never copied or changed.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from lora_export.adapters.inject import merge_adapter
 from lora_export.contract import GraphManifest, torch_dtype
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
+from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton, plan_merge
 from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
@@ -33,13 +38,22 @@ def export_merged(
     allow_nonfinite: bool = False,
     batch: int = 2,
     seq: int = 16,
+    on_write: OnWrite | None = None,
 ) -> ExportResult:
-    """Export `loaded` with `adapter` merged (or the plain base model when `adapter` is None)."""
-    out = check_output_path(out, force)
-    work = loaded.copy(dtype=torch_dtype(dtype))  # the caller's model stays unmerged
-    if adapter is not None:
+    """Export `loaded` with `adapter` merged (or the plain base model when `adapter` is None);
+    `on_write(bytes done, total, tensor)` follows the weights being written."""
+    if adapter is not None and (adapter.saved or adapter.base_layers):
+        # modules_to_save and saved embedding weights replace whole tensors: merged in memory, not streamed
+        plan = None
+        work = loaded.materialized().copy(dtype=torch_dtype(dtype))  # the caller's model stays unmerged
         merge_adapter(work.module, adapter, allow_nonfinite=allow_nonfinite)
-    model = trace_mod.trace(work, batch=batch, seq=seq, opset=opset, dtype=torch_dtype(dtype))
+    else:
+        work, plan = export_skeleton(loaded, torch_dtype(dtype), allow_nonfinite=allow_nonfinite)
+        if adapter is not None:
+            plan_merge(work, plan, adapter)
+        check_disk_space(Path(out), plan.weight_bytes(work.module))
+    out = check_output_path(out, force)
+    model = trace_mod.trace(work, batch=batch, seq=seq, opset=opset, dtype=torch_dtype(dtype), weights=plan)
     manifest = build_manifest(
         "merged" if adapter is not None else "base",
         loaded,
@@ -48,6 +62,6 @@ def export_merged(
         dtype=dtype,
     )
     with all_or_nothing() as files:  # the graph and its manifest, or neither
-        files += trace_mod.save(model, out)
+        files += trace_mod.save(model, out, on_write=on_write)
         write_manifest(out, manifest)
     return ExportResult(path=out, manifest=manifest, files=files)

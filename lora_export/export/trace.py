@@ -28,8 +28,11 @@ from lora_export.adapters.layer import BranchFeed
 from lora_export.contract import ADAPTER_INDEX, BANK_KIND, A, is_rank_dim, parse
 from lora_export.errors import UserError
 from lora_export.export.names import rename_initializers
+from lora_export.export.stream import OnWrite, StreamPlan
 from lora_export.fileio import io_errors
 from lora_export.models.loading import LoadedModel, call_model
+
+FX_NODE_KEY = "pkg.torch.onnx.fx_node"
 
 
 @dataclass
@@ -88,13 +91,19 @@ def trace(
     seq: int = 16,
     opset: int | None = None,
     dtype: torch.dtype = torch.float32,
+    weights: StreamPlan | None = None,
 ) -> ir.Model:
-    """Export `loaded` (with any LoRA wiring already attached) to an ONNX IR model with clean names."""
+    """Export `loaded` (with any LoRA wiring already attached) to an ONNX IR model with clean names.
+
+    A module whose parameters are on the meta device (an export skeleton) needs `weights`, the plan that
+    gives each parameter initializer its bytes, lazily (read when the graph is saved)."""
     extra = extra or []
     example = loaded.make_inputs(batch, seq or loaded.default_seq, 0)
     example = {k: v.to(dtype) if v.is_floating_point() else v for k, v in example.items()}
     wrapper = ExportWrapper(loaded, extra, feed).eval()
     args = tuple(example[n] for n in loaded.input_names) + tuple(e.example for e in extra)
+    if weights is not None:  # a skeleton computes on the meta device: inputs there too, so no op mixes devices
+        args = tuple(a.to("meta") for a in args)
     dims: dict[str, torch.export.Dim] = {}
 
     def dim_for(label: str) -> torch.export.Dim:
@@ -114,6 +123,9 @@ def trace(
         )
     _drop_stack_traces(model)
     rename_initializers(model)
+    if weights is not None:
+        weights.bind(model)
+        _record_weights_device(model)
     _restore_dim_names(model, loaded, extra)
     protected = set(model.graph.initializers) | {e.name for e in extra}
     optimize_preserving(model, protected)
@@ -128,6 +140,15 @@ def _drop_stack_traces(model: ir.Model) -> None:
     where they were built, so the same inputs give the same bytes on any machine."""
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+
+
+def _record_weights_device(model: ir.Model) -> None:
+    """Tracing a meta-device skeleton records `device: meta` in each node's FX description; record the device
+    the weights are written from (cpu), as tracing the model itself does, so the graphs are the same bytes."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        fx = node.metadata_props.get(FX_NODE_KEY)
+        if fx is not None and "device: meta" in fx:
+            node.metadata_props[FX_NODE_KEY] = fx.replace("device: meta", "device: cpu")
 
 
 def _py_ident(label: str) -> str:
@@ -234,18 +255,32 @@ def _add_default(model: ir.Model, name: str, value: torch.Tensor) -> None:
     model.graph.initializers[name] = graph_input
 
 
-def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
-    """Write atomically (temp dir, then rename); external data when the weights pass protobuf's 2 GB."""
+def save(model: ir.Model, path: str | os.PathLike, *, on_write: OnWrite | None = None) -> list[Path]:
+    """Write atomically (temp dir, then rename). Weights over `onnxio.EXTERNAL_DATA_THRESHOLD` go to
+    `<name>.data`, written one tensor at a time (lazy tensors are evaluated there, once each);
+    `on_write(bytes done, total bytes, tensor name)` follows it."""
     path = Path(path)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     external = size > onnxio.EXTERNAL_DATA_THRESHOLD
     with io_errors(path):
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     written: list[Path] = []
+
+    def progress(tensor, info) -> None:
+        on_write(info.offset, size, tensor.name or "")
+
     try:
         with io_errors(path):
             data_name = f"{path.name}.data" if external else None
-            ir.save(model, tmp_dir / path.name, external_data=data_name)
+            try:
+                ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress if on_write else None)
+            except Exception as e:  # a weight read while saving refused (UserError): the serializer wraps it
+                cause = _user_error_in(e)
+                if cause is None:
+                    raise
+                raise cause from None
+            if on_write is not None:
+                on_write(size, size, "")
             for f in sorted(tmp_dir.iterdir(), reverse=True):  # data before the graph that names it
                 os.replace(f, path.parent / f.name)
                 written.append(path.parent / f.name)
@@ -256,3 +291,13 @@ def save(model: ir.Model, path: str | os.PathLike) -> list[Path]:
         raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _user_error_in(e: BaseException) -> UserError | None:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

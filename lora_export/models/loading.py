@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,18 @@ from lora_export.errors import UserError
 from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
 from lora_export.models.introspect import VISION, describe
+from lora_export.models.skeleton import params_on_meta
 from lora_export.models.zoo import SAMPLES, build_sample
 
 
 @dataclass
 class LoadedModel:
-    """A model ready to trace: what it takes, what it returns, how to make inputs for it."""
+    """A model ready to trace: what it takes, what it returns, how to make inputs for it.
+
+    A lazily loaded model (`load_model(spec, lazy=True)`) has a weightless `module` (parameters on the meta
+    device): exports stream its weights from `checkpoint` (a safetensors directory) or from the model that
+    `rebuild` makes; `materialized()` gives the model with its weights, for running it.
+    """
 
     module: nn.Module
     arch: str
@@ -32,6 +39,16 @@ class LoadedModel:
     make_inputs: inputs_mod.InputMaker
     default_seq: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Path | None = None  # lazy: the safetensors directory holding the weights
+    rebuild: Callable[[], LoadedModel] | None = None  # lazy: makes this model with its weights
+
+    @property
+    def is_lazy(self) -> bool:
+        return self.rebuild is not None
+
+    def materialized(self) -> LoadedModel:
+        """This model with its weights: itself, or (lazy) a freshly loaded one the caller owns."""
+        return self.rebuild() if self.rebuild is not None else self
 
     def copy(self, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LoadedModel:
         """This model with a private deep copy of its module (moved to `device` / cast to `dtype` when given),
@@ -63,25 +80,32 @@ def call_model(model: LoadedModel, feeds: dict[str, torch.Tensor]) -> tuple[torc
     return tuple(out[n] for n in model.output_names)
 
 
-def load_model(spec: str) -> LoadedModel:
+def load_model(spec: str, *, lazy: bool = False) -> LoadedModel:
+    """The model `spec` names. `lazy`: without its weights where it can be (a transformers directory saved
+    with safetensors, a transformers sample), for exports that stream the weights and checks that load
+    them once, when needed; `py:` factories always build their model."""
     if spec.startswith("sample:"):
-        return _load_sample(spec[len("sample:") :], spec)
+        return _load_sample(spec[len("sample:") :], spec, lazy)
     if spec.startswith("py:"):
         return _load_py(spec)
     path = Path(spec)
     if path.is_dir():
-        return _load_transformers_dir(path, spec)
+        return _load_transformers_dir(path, spec, lazy)
     names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME])
     raise UserError(
         f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
     )
 
 
-def _load_sample(name: str, spec: str) -> LoadedModel:
+def _load_sample(name: str, spec: str, lazy: bool = False) -> LoadedModel:
     if name == e2e.NAME:  # trained, shipped as a transformers directory
-        return _load_transformers_dir(e2e.model_dir(), spec)
+        return _load_transformers_dir(e2e.model_dir(), spec, lazy)
     if name not in SAMPLES:
         raise UserError(f"unknown sample {name!r}: choose one of {', '.join([*SAMPLES, e2e.NAME])}")
+    if lazy and SAMPLES[name].model_class:
+        with params_on_meta():
+            module, _ = build_sample(name)
+        return _wrap_skeleton(module, spec, lambda: _load_sample(name, spec))
     module, sample = build_sample(name)
     if sample.arch == "convnet":
         return LoadedModel(
@@ -97,11 +121,12 @@ def _load_sample(name: str, spec: str) -> LoadedModel:
     return wrap_transformers(module, spec)
 
 
-def wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
-    """A transformers model with its I/O read from the model (class, forward signature, config, one probe)."""
+def wrap_transformers(module: nn.Module, spec: str, probe: nn.Module | None = None) -> LoadedModel:
+    """A transformers model with its I/O read from the model (class, forward signature, config, one probe
+    forward, on `probe` when given: a stand-in of the same class and shapes)."""
     module.eval()
     config = module.config
-    io = describe(module, spec)
+    io = describe(module if probe is None else probe.eval(), spec)
     return LoadedModel(
         module=module,
         arch=config.model_type,
@@ -115,28 +140,80 @@ def wrap_transformers(module: nn.Module, spec: str) -> LoadedModel:
     )
 
 
-def _load_transformers_dir(path: Path, spec: str) -> LoadedModel:
+def _load_transformers_dir(path: Path, spec: str, lazy: bool = False) -> LoadedModel:
     import transformers
+
+    from lora_export.export.weights import checkpoint_files
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
     if not (path / "config.json").exists():
         raise UserError(f"{path} has no config.json: expected a transformers save_pretrained directory")
+    files = checkpoint_files(path) if lazy else None
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         arch_names = getattr(config, "architectures", None) or []
         cls = getattr(transformers, arch_names[0], None) if arch_names else None
-        cls = cls or transformers.AutoModel
-        load = cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained
-        module = load(str(path), local_files_only=True, attn_implementation="eager", torch_dtype=torch.float32)
+        if files is not None:
+            module = _skeleton_from_config(cls or transformers.AutoModel, config, files)
+        else:
+            cls = cls or transformers.AutoModel
+            load = cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained
+            module = load(str(path), local_files_only=True, attn_implementation="eager", torch_dtype=torch.float32)
     except Exception as e:  # a broken directory: truncated weights, a config field of the wrong type, ...
         raise UserError(
             f"cannot load {path} as a transformers model ({type(e).__name__}: {_first_line(e)}): check its config.json "
             "and weights (re-save it with save_pretrained)"
         ) from e
     module.config.use_cache = False
-    loaded = wrap_transformers(module, spec)
+    if files is not None:
+        loaded = _wrap_skeleton(module, spec, lambda: _load_transformers_dir(path, spec))
+        if loaded.rebuild is None:  # it needed its weights after all
+            return loaded
+        loaded.checkpoint = path
+    else:
+        loaded = wrap_transformers(module, spec)
     loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
     return loaded
+
+
+def _wrap_skeleton(module: nn.Module, spec: str, rebuild) -> LoadedModel:
+    """A weightless model with `rebuild` to load its weights. A model whose probe forward cannot run on meta
+    weights (data-dependent checks such as BERT's `.item()` on its mask) is probed on a random stand-in of the
+    same shapes (its memory is held only for the probe)."""
+    try:
+        loaded = wrap_transformers(module, spec)
+    except UserError:  # probe a stand-in with real (random) tensors of the same shapes, then drop it
+        stand_in = copy.deepcopy(module)  # buffers (position ids, ...) stay the real ones
+        for sub in stand_in.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_meta:
+                    sub._parameters[name] = nn.Parameter(torch.randn(p.shape).to(p.dtype) * 0.02, requires_grad=False)
+        loaded = wrap_transformers(module, spec, probe=stand_in)
+        del stand_in
+    loaded.rebuild = rebuild
+    return loaded
+
+
+def _skeleton_from_config(cls, config, files: dict[str, Path]) -> nn.Module:
+    """The model `from_pretrained` would build, with its parameters on the meta device; persistent buffers
+    stored in the checkpoint are read (they are small), the others keep their constructed values."""
+    import transformers
+
+    from lora_export.export.weights import read_tensor
+
+    config._attn_implementation = "eager"
+    with params_on_meta():
+        if cls is transformers.AutoModel:
+            module = transformers.AutoModel.from_config(config)
+        else:
+            module = cls(config)
+    module = module.float()  # as from_pretrained(torch_dtype=float32): floating buffers in float32
+    for name, buf in list(module.named_buffers()):
+        if name in files:
+            owner, _, attr = name.rpartition(".")
+            target = module.get_submodule(owner) if owner else module
+            target._buffers[attr] = read_tensor(files[name], name).to(buf.dtype)
+    return module.eval()
 
 
 def _load_py(spec: str) -> LoadedModel:

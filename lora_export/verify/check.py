@@ -12,9 +12,8 @@ error, so an adapter silently dropped somewhere cannot pass.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,39 +59,42 @@ def load_trt_runner_class():
 
 @dataclass
 class TorchSide:
-    """PyTorch eager with each adapter resident (unmerged); per-row composition for bank comparisons."""
+    """PyTorch eager with each adapter resident in turn (unmerged) on one model; per-row composition for bank
+    comparisons."""
 
     loaded: LoadedModel
     adapters: list[Adapter]
     label: str = "torch"
     slots: SlotTable | None = None
     dtype: str = "fp32"
-    runners: list[TorchRunner] = field(default_factory=list)
+    runner: TorchRunner | None = None
 
     def __enter__(self) -> TorchSide:
-        self.runners = [TorchRunner(self.loaded, a).__enter__() for a in self.adapters]
-        self.base = TorchRunner(self.loaded, None).__enter__()
+        self.runner = TorchRunner(self.loaded, None, adapters=self.adapters).__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for r in [*self.runners, self.base]:
-            r.__exit__(None, None, None)
+        self.runner.__exit__(None, None, None)
+        self.runner = None
+
+    def _run(self, index: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.runner.use(self.adapters[index] if index >= 0 else None)
+        return self.runner.infer(feeds)
 
     def outputs(self, feeds: dict[str, np.ndarray], rows: list[int] | None) -> dict[str, np.ndarray]:
         if rows is None:
-            return (self.runners[0] if self.runners else self.base).infer(feeds)
-        per_runner: dict[int, dict[str, np.ndarray]] = {}
+            return self._run(0 if self.adapters else NO_ADAPTER, feeds)
         out: dict[str, np.ndarray] = {}
-        for i, idx in enumerate(rows):
-            runner = self.runners[idx] if idx >= 0 else self.base
-            if id(runner) not in per_runner:
-                per_runner[id(runner)] = runner.infer(feeds)
-            for name, value in per_runner[id(runner)].items():
-                out.setdefault(name, np.empty_like(value))[i] = value[i]
+        for idx in sorted(set(rows)):
+            for name, value in self._run(idx, feeds).items():
+                target = out.setdefault(name, np.empty_like(value))
+                for i, row in enumerate(rows):
+                    if row == idx:
+                        target[i] = value[i]
         return out
 
     def base_outputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.base.infer(feeds)
+        return self._run(NO_ADAPTER, feeds)
 
 
 @dataclass
@@ -155,8 +157,13 @@ def open_side(
 
         if onnx_path is None:
             raise UserError("the ort backend needs the graph: pass --onnx PATH")
+        header = load_onnx_header(onnx_path)  # slots and precision before any session holds the weights
         return GraphSide(
-            OrtRunner(onnx_path, providers), SlotTable(MERGED), list(adapters), f"ort:{Path(onnx_path).name}"
+            OrtRunner(onnx_path, providers),
+            slots_of_proto(header),
+            list(adapters),
+            f"ort:{Path(onnx_path).name}",
+            precision(o.type.tensor_type.elem_type for o in header.graph.output),
         )
     if backend == "trt":
         if engine_path is None:
@@ -229,8 +236,12 @@ def verify_backends(
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
     `candidate_adapters` overrides what the candidate is fed (default: `adapters`); tests use it to show that
-    a dropped adapter fails. `on_case(done, total)` is called after each case (progress bars). `oracle`: whose
-    LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
+    a dropped adapter fails. `on_case(done, total)` is called after each case of each backend (progress bars).
+
+    The backends run one after the other (PyTorch first), each over every case, and the outputs are compared
+    at the end: only one copy of the weights is in memory at a time (a lazily loaded model is loaded for its
+    turn and released after it).
+    `oracle`: whose LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
 
     A quantized ONNX graph (int8/int4 base) is judged on agreement, not elementwise error: `criteria`
     (default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
@@ -247,55 +258,67 @@ def verify_backends(
 
         scheme = graph_scheme(onnx_path)
         criteria = QUANTIZED_CRITERIA[scheme] if scheme else None
-    with contextlib.ExitStack() as stack:
-        ref_side = stack.enter_context(open_side(reference, loaded, adapters, **kw))
-        cand_side = stack.enter_context(open_side(candidate, loaded, cand_adapters, **kw))
-        graph_sides = [s for s in (ref_side, cand_side) if isinstance(s, GraphSide)]
-        for s in graph_sides:
-            _check_layout(s.slots, adapters)
-        bank = next((s.slots for s in graph_sides if s.slots.layout == BANK), None)
-        if bank is not None:  # every adapter and the no-adapter row in every case: N + 1 rows at least
-            shapes = [(max(b, len(adapters) + 1), s) for b, s in shapes]
-        dtype = precision(s.dtype for s in graph_sides)
-        truth = ref_side if _is_torch(ref_side) else None
-        if truth is None and adapters and check_effect:
-            truth = stack.enter_context(torch_side(loaded, adapters, oracle))
-        report = ParityReport(reference=ref_side.label, candidate=cand_side.label)
-        worst_err, effects, covered = 0.0, [], set()
-        total, done = len(seeds) * len(shapes), 0
-        for seed in seeds:
-            for batch, seq in shapes:
-                feeds = make_feeds(loaded, batch, seq, seed)
-                rows = _row_assignment(bank, adapters, batch)
-                covered.update(rows or ())
-                ref = ref_side.outputs(feeds, rows)
-                got = cand_side.outputs(feeds, rows)
-                label = f"seed={seed} batch={batch} seq={seq}"
-                case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label, criteria=criteria)
-                report.cases.append(case)
-                errs = [o.mean_abs if criteria else o.max_abs for o in case.outputs]
-                worst_err = max([worst_err] + [e for e in errs if np.isfinite(e)])
-                if adapters and check_effect and truth is not None:
-                    with_adapter = ref if truth is ref_side else truth.outputs(feeds, rows)
-                    effects.append((with_adapter, truth.base_outputs(feeds)))
-                if save_inputs is not None and not case.passed:
-                    fed = cand_side.feeds_for(feeds, rows) if isinstance(cand_side, GraphSide) else feeds
-                    report.artifacts += save_case(save_inputs, label, fed, ref, got)
+    ref_side = open_side(reference, loaded, adapters, **kw)
+    cand_side = open_side(candidate, loaded, cand_adapters, **kw)
+    graph_sides = [s for s in (ref_side, cand_side) if isinstance(s, GraphSide)]
+    for s in graph_sides:
+        _check_layout(s.slots, adapters)
+    bank = next((s.slots for s in graph_sides if s.slots.layout == BANK), None)
+    if bank is not None:  # every adapter and the no-adapter row in every case: N + 1 rows at least
+        shapes = [(max(b, len(adapters) + 1), s) for b, s in shapes]
+    dtype = precision(s.dtype for s in graph_sides)
+    effect = bool(adapters) and check_effect
+    truth = ref_side if _is_torch(ref_side) else None
+    extra_truth = torch_side(loaded, adapters, oracle) if effect and truth is None else None
+    cases = [
+        (f"seed={seed} batch={batch} seq={seq}", make_feeds(loaded, batch, seq, seed), batch)
+        for seed in seeds
+        for batch, seq in shapes
+    ]
+    rows = [_row_assignment(bank, adapters, batch) for _, _, batch in cases]
+    sides = [s for s in (ref_side, cand_side, extra_truth) if s is not None]
+    sides.sort(key=lambda s: not _is_torch(s))  # PyTorch first: its model is released before a session
+    results: dict[int, list] = {}
+    fed: list = []
+    bases: list = []
+    total, done = len(sides) * len(cases), 0
+    for side in sides:  # one backend at a time: never two copies of the weights in memory
+        with side:
+            results[id(side)] = []
+            for (_, feeds, _), row in zip(cases, rows):
+                results[id(side)].append(side.outputs(feeds, row))
+                if side is cand_side and save_inputs is not None:
+                    fed.append(side.feeds_for(feeds, row) if isinstance(side, GraphSide) else feeds)
+                if effect and side is (truth or extra_truth):
+                    bases.append(side.base_outputs(feeds))
                 done += 1
                 if on_case is not None:
                     on_case(done, total)
-        if bank is not None:
-            missing = sorted(set(range(len(adapters))) - covered)
-            report.checks["bank_rows"] = {
-                "adapters": len(adapters),
-                "no_adapter_row": NO_ADAPTER in covered,
-                "passed": not missing and NO_ADAPTER in covered,
-                "reason": f"adapters {missing} never ran in a row" if missing else "",
-            }
-        if effects:
-            report.checks["adapter_effect"] = max(
-                (adapter_effect(w, b, worst_err) for w, b in effects), key=lambda e: e["effect_max_abs"]
-            )
+    report = ParityReport(reference=ref_side.label, candidate=cand_side.label)
+    worst_err, effects, covered = 0.0, [], set()
+    for i, (label, _, _) in enumerate(cases):
+        covered.update(rows[i] or ())
+        ref, got = results[id(ref_side)][i], results[id(cand_side)][i]
+        case = compare_outputs(ref, got, dtype=dtype, atol=atol, rtol=rtol, label=label, criteria=criteria)
+        report.cases.append(case)
+        errs = [o.mean_abs if criteria else o.max_abs for o in case.outputs]
+        worst_err = max([worst_err] + [e for e in errs if np.isfinite(e)])
+        if effect:
+            effects.append((results[id(truth or extra_truth)][i], bases[i]))
+        if save_inputs is not None and not case.passed:
+            report.artifacts += save_case(save_inputs, label, fed[i], ref, got)
+    if bank is not None:
+        missing = sorted(set(range(len(adapters))) - covered)
+        report.checks["bank_rows"] = {
+            "adapters": len(adapters),
+            "no_adapter_row": NO_ADAPTER in covered,
+            "passed": not missing and NO_ADAPTER in covered,
+            "reason": f"adapters {missing} never ran in a row" if missing else "",
+        }
+    if effects:
+        report.checks["adapter_effect"] = max(
+            (adapter_effect(w, b, worst_err) for w, b in effects), key=lambda e: e["effect_max_abs"]
+        )
     return report
 
 

@@ -114,7 +114,8 @@ class PeftSide:
         self.label = self.label or (f"torch+peft {peft_version()}" if self.adapters else "torch")  # no LoRA: plain
         self._stack = contextlib.ExitStack()
         scratch = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="lora_export_peft_")))
-        base = copy.deepcopy(self.loaded.module).float().eval()
+        fresh = self.loaded.materialized()  # a lazily loaded model: loaded now, owned here, released on exit
+        base = (fresh.module if fresh is not self.loaded else copy.deepcopy(self.loaded.module)).float().eval()
         self.names = [f"a{i}" for i in range(len(self.adapters))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

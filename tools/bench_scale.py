@@ -1,0 +1,305 @@
+"""Peak memory and wall time of the exports at realistic sizes (random weights, saved as a local directory first).
+
+    python tools/bench_scale.py                                   # gpt2-small, gpt2-medium, gpt2-large, llama-1b
+    python tools/bench_scale.py --shapes gpt2-small --json r.json --markdown r.md
+    python tools/bench_scale.py --baseline /path/to/older/checkout --baseline-shapes gpt2-small
+
+For each shape: write a transformers checkpoint with random weights (safetensors shards, written one tensor at a
+time), a random r=8 adapter with `make-adapter`, then run each CLI command in a fresh process and read its peak
+resident set size from the kernel (`wait4` rusage: file-backed pages a process maps count too) and its wall time:
+`merge-and-export` (with its verify, and `--no-verify`) and `export-branched` (with its verify). The ratio is
+peak RSS / fp32 weight bytes; the Python + torch + onnxruntime start-up (measured too) is included. A fit of
+peak and time against the parameter count extrapolates to 7-8B models. A command is skipped (and says so) when
+the machine has not got the memory free that it would need. Temp directories are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SHAPES = {
+    "gpt2-small": ("gpt2", "GPT2LMHeadModel", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)),
+    "gpt2-medium": ("gpt2", "GPT2LMHeadModel", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257)),
+    "gpt2-large": ("gpt2", "GPT2LMHeadModel", dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257)),
+    "llama-1b": (  # TinyLlama-1.1B's shape
+        "llama",
+        "LlamaForCausalLM",
+        dict(
+            num_hidden_layers=22,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+MODES = {
+    "merge-and-export": ["merge-and-export", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
+    "merge-and-export --no-verify": [
+        "merge-and-export",
+        "{model}",
+        "--adapter",
+        "{adapter}",
+        "-o",
+        "{out}",
+        "--force",
+        "--no-verify",
+    ],
+    "export-branched": ["export-branched", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
+}
+SHARD_BYTES = 512 << 20
+
+
+def write_checkpoint(shape: str, out: Path) -> tuple[int, int]:
+    """A transformers directory with random weights, written shard by shard; returns (parameters, bytes)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from lora_export.models.skeleton import params_on_meta
+
+    arch, cls_name, cfg = SHAPES[shape]
+    config = transformers.AutoConfig.for_model(arch, **cfg)
+    config.architectures = [cls_name]
+    with params_on_meta():
+        model = getattr(transformers, cls_name)(config)
+    out.mkdir(parents=True)
+    config.save_pretrained(out)
+    g = torch.Generator().manual_seed(0)
+    weight_map, shard, shard_bytes, files = {}, {}, 0, []
+    n_params = n_bytes = 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, shard_bytes = {}, 0
+
+    for name, p in model.named_parameters():  # tied weights once, under their first name
+        if p.dim() >= 2:
+            t = torch.randn(p.shape, generator=g) * 0.02
+        elif name.endswith("weight"):
+            t = 1 + torch.randn(p.shape, generator=g) * 0.01  # norm scales
+        else:
+            t = torch.randn(p.shape, generator=g) * 0.01
+        shard[name] = t
+        shard_bytes += t.numel() * 4
+        n_params += t.numel()
+        n_bytes += t.numel() * 4
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    index = {"metadata": {"total_size": n_bytes}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return n_params, n_bytes
+
+
+def run_measured(args: list[str], env: dict[str, str], timeout: float, cwd: Path) -> dict:
+    """Run one command; its peak RSS (kernel rusage of exactly this child) and wall time. `cwd` must not hold a
+    checkout: `python -m` puts it before PYTHONPATH."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
+    deadline = t0 + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "peak_rss": usage.ru_maxrss * 1024, "wall_s": wall, "tail": output[-600:]}
+
+
+def machine() -> dict:
+    import psutil
+
+    vm = psutil.virtual_memory()
+    return {"available_gb": round(vm.available / 1e9, 1), "load_1min": round(os.getloadavg()[0], 1)}
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """Least squares y = a + b x."""
+    if len(xs) < 2:
+        return None
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - b * mx, b
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--workdir", default=None, help="where checkpoints and graphs go (default: a temp dir)")
+    ap.add_argument("--baseline", default=None, help="another checkout of lora-export to run the same commands with")
+    ap.add_argument("--baseline-shapes", default="gpt2-small")
+    ap.add_argument("--headroom", type=float, default=1.0, help="GB to leave free for others")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+
+    python = sys.executable
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TRANSFORMERS_VERBOSITY": "error"}
+    startup = run_measured(
+        [python, "-c", "import torch, onnxruntime, transformers, lora_export.api"], env, args.timeout, work
+    )
+    rows: list[dict] = []
+    print(f"start-up (python + torch + onnxruntime + transformers): {startup['peak_rss'] / 1e9:.2f} GB", flush=True)
+    try:
+        for shape in args.shapes.split(","):
+            ckpt, adapter = work / shape, work / f"{shape}.adapter"
+            t0 = time.perf_counter()
+            params, nbytes = write_checkpoint(shape, ckpt)
+            print(
+                f"{shape}: {params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB fp32 "
+                f"(checkpoint written in {time.perf_counter() - t0:.0f}s)",
+                flush=True,
+            )
+            made = run_measured(
+                [python, "-m", "lora_export", "make-adapter", str(ckpt), "-o", str(adapter), "--r", "8", "--force"],
+                env,
+                args.timeout,
+                work,
+            )
+            assert made["rc"] == 0, made["tail"]
+            runs = [("this checkout", env)]
+            if args.baseline and shape in args.baseline_shapes.split(","):
+                runs.append(("baseline", {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}))
+            for code, run_env in runs:
+                for mode in args.modes.split(","):
+                    free = machine()
+                    need = nbytes * (7 if code == "baseline" else 1.6) / 1e9 + args.headroom
+                    row = {
+                        "shape": shape,
+                        "code": code,
+                        "mode": mode,
+                        "parameters": params,
+                        "weight_bytes": nbytes,
+                        **free,
+                    }
+                    if free["available_gb"] < need:
+                        row["skipped"] = f"needs ~{need:.1f} GB free, {free['available_gb']} GB available"
+                        print(f"  {code} {mode}: skipped ({row['skipped']})", flush=True)
+                        rows.append(row)
+                        continue
+                    out = work / f"{shape}.onnx"
+                    cmd = [a.format(model=ckpt, adapter=adapter, out=out) for a in MODES[mode]]
+                    res = run_measured([python, "-m", "lora_export", *cmd], run_env, args.timeout, work)
+                    row.update(
+                        rc=res["rc"],
+                        peak_rss=res["peak_rss"],
+                        wall_s=round(res["wall_s"], 1),
+                        ratio=round(res["peak_rss"] / nbytes, 2),
+                    )
+                    if res["rc"] != 0:
+                        row["tail"] = res["tail"]
+                    print(
+                        f"  {code} {mode}: peak {res['peak_rss'] / 1e9:.2f} GB = {row['ratio']}x weights, "
+                        f"{row['wall_s']}s, rc {res['rc']} (available before: {free['available_gb']} GB, "
+                        f"load {free['load_1min']})",
+                        flush=True,
+                    )
+                    rows.append(row)
+                    for f in work.glob(f"{shape}.onnx*"):
+                        f.unlink()
+            shutil.rmtree(ckpt, ignore_errors=True)
+            shutil.rmtree(adapter, ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    report = {"startup_rss": startup["peak_rss"], "rows": rows, "extrapolation": extrapolate(rows)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    text = markdown(report)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0 if all(r.get("rc", 0) == 0 for r in rows) else 1
+
+
+def extrapolate(rows: list[dict]) -> dict:
+    """Per mode: peak = a + b·weight bytes and wall = c + d·parameters, evaluated at 7B and 8B (fp32 weights)."""
+    out = {}
+    for mode in MODES:
+        done = [r for r in rows if r["mode"] == mode and r["code"] == "this checkout" and r.get("rc") == 0]
+        peak = fit([r["weight_bytes"] for r in done], [r["peak_rss"] for r in done])
+        wall = fit([r["parameters"] for r in done], [r["wall_s"] for r in done])
+        if peak is None or wall is None:
+            continue
+        out[mode] = {
+            "peak_per_weight_byte": round(peak[1], 3),
+            "peak_intercept_gb": round(peak[0] / 1e9, 2),
+            "seconds_per_billion_parameters": round(wall[1] * 1e9, 1),
+            **{
+                f"{n}B": {
+                    "peak_gb": round((peak[0] + peak[1] * n * 4e9) / 1e9, 1),
+                    "wall_min": round((wall[0] + wall[1] * n * 1e9) / 60, 1),
+                }
+                for n in (7, 8)
+            },
+        }
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Start-up RSS (python + torch + onnxruntime + transformers): {report['startup_rss'] / 1e9:.2f} GB",
+        "",
+        "| shape | parameters | fp32 weights | code | command | peak RSS | peak / weights | wall | "
+        "available before | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        peak = f"{r['peak_rss'] / 1e9:.2f} GB" if "peak_rss" in r else r.get("skipped", "")
+        ratio = f"{r['ratio']}x" if "ratio" in r else "-"
+        wall = f"{r['wall_s']} s" + ("" if r.get("rc", 0) == 0 else f" (rc {r['rc']})") if "wall_s" in r else "-"
+        lines.append(
+            f"| {r['shape']} | {r['parameters'] / 1e6:.0f}M | {r['weight_bytes'] / 1e9:.2f} GB | {r['code']} | "
+            f"`{r['mode']}` | {peak} | {ratio} | {wall} | {r['available_gb']} GB | {r['load_1min']} |"
+        )
+    if report["extrapolation"]:
+        lines += [
+            "",
+            "| command | peak ≈ a + b·weights | time per 1B params | 7B: peak, time | 8B: peak, time |",
+            "|---|---|---|---|---|",
+        ]
+        for mode, e in report["extrapolation"].items():
+            lines.append(
+                f"| `{mode}` | {e['peak_intercept_gb']} GB + {e['peak_per_weight_byte']}·W | "
+                f"{e['seconds_per_billion_parameters']} s | {e['7B']['peak_gb']} GB, {e['7B']['wall_min']} min | "
+                f"{e['8B']['peak_gb']} GB, {e['8B']['wall_min']} min |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
