@@ -63,5 +63,14 @@ def peft_forward(pm, loaded, feeds: dict[str, np.ndarray], **kwargs) -> dict[str
     return {n: out[n].detach().numpy() for n in loaded.output_names}
 
 
+def peft_with(pm, loaded, feeds: dict[str, np.ndarray], adapter: str | None) -> dict[str, np.ndarray]:
+    """`peft_forward` with PEFT adapter `adapter` active (None: adapters disabled = the base model)."""
+    if adapter is None:
+        with pm.disable_adapter():
+            return peft_forward(pm, loaded, feeds)
+    pm.set_adapter(adapter)
+    return peft_forward(pm, loaded, feeds)
+
+
 def max_err(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)

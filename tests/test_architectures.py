@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from arch_zoo import ARCHS, build
-from peft_oracle import add_peft_adapter, build_peft, fill_lora, peft_forward, save_adapter
+from peft_oracle import add_peft_adapter, build_peft, fill_lora, peft_forward, peft_with, save_adapter
 
 from lora_export.adapters import read_adapter
 from lora_export.backends.onnxrt import OrtRunner
@@ -92,12 +92,7 @@ def exports(tmp_path_factory):
 
 
 def _peft(s, feeds, adapter):
-    pm = s["pm"]
-    if adapter is None:
-        with pm.disable_adapter():
-            return peft_forward(pm, s["loaded"], feeds)
-    pm.set_adapter(adapter)
-    return peft_forward(pm, s["loaded"], feeds)
+    return peft_with(s["pm"], s["loaded"], feeds, adapter)
 
 
 def _close(got, ref, atol=1e-4):

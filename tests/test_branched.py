@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from peft_oracle import add_peft_adapter, build_peft, peft_forward, save_adapter
+from peft_oracle import add_peft_adapter, build_peft, peft_forward, peft_with, save_adapter
 
 from lora_export.adapters import read_adapter
 from lora_export.adapters.adapter import Adapter, ModuleLora
@@ -43,12 +43,7 @@ def setups(sample_cache, tmp_path_factory):
 
 
 def _peft(s, feeds, adapter):
-    pm = s["pm"]
-    if adapter is None:
-        with pm.disable_adapter():
-            return peft_forward(pm, s["loaded"], feeds)
-    pm.set_adapter(adapter)
-    return peft_forward(pm, s["loaded"], feeds)
+    return peft_with(s["pm"], s["loaded"], feeds, adapter)
 
 
 def _close(got, ref, atol=1e-4):

@@ -16,6 +16,7 @@ from lora_export.adapters.layer import (
     layer_dims,
     merged_weight,
     supported_layer,
+    wrap_paths,
 )
 from lora_export.adapters.saved import (
     SavedModule,
@@ -135,22 +136,9 @@ def check_module_fits(path: str, module: nn.Module, lora: ModuleLora) -> None:
         )
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def wrap_modules(model: nn.Module, paths: Iterable[str]) -> dict[str, LoraLayer]:
     """Wrap each path with a `LoraLayer` (idempotent); returns the wrappers by path."""
-    layers = {}
-    for path in paths:
-        mod = model.get_submodule(path)
-        if not isinstance(mod, LoraLayer):
-            mod = LoraLayer(mod, path)
-            _replace(model, path, mod)
-        layers[path] = mod
-    return layers
+    return wrap_paths(model, paths, LoraLayer)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:

@@ -187,3 +187,17 @@ def merged_tensor(
             "use --dtype fp32 or pass --allow-nonfinite"
         )
     return merged
+
+
+def wrap_paths(model: nn.Module, paths, wrapper) -> dict[str, nn.Module]:
+    """Replace each module at `paths` by `wrapper(module, path)` unless it already is one (idempotent);
+    returns the wrappers by path."""
+    out = {}
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, wrapper):
+            module = wrapper(module, path)
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+        out[path] = module
+    return out

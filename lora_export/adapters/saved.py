@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lora_export.adapters.layer import BranchFeed
+from lora_export.adapters.layer import BranchFeed, wrap_paths
 from lora_export.contract import BANK_KIND, INPUTS, saved_name
 from lora_export.errors import AdapterError
 
@@ -136,22 +136,9 @@ def apply_base_layers(modules: dict[str, nn.Module], adapter) -> None:
                 own[name].copy_(value.to(own[name].dtype))
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-
-
 def wrap_saved(model: nn.Module, paths) -> dict[str, SavedModule]:
     """Wrap each `modules_to_save` path with a `SavedModule` (idempotent)."""
-    out = {}
-    for path in paths:
-        module = model.get_submodule(path)
-        if not isinstance(module, SavedModule):
-            module = SavedModule(module, path)
-            _replace(model, path, module)
-        out[path] = module
-    return out
+    return wrap_paths(model, paths, SavedModule)
 
 
 def saved_modules(model: nn.Module) -> dict[str, SavedModule]:
