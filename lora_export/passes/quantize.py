@@ -151,6 +151,8 @@ class QuantizeBasePass(LoraPass, ir.passes.FunctionalPass):
         lora_nodes = sorted(n.name for n in guarded_nodes(model))
         prepared = _prepare_weights(model, {id(n) for n in guarded_nodes(model)})
         weights_before = set(model.graph.initializers)
+        # weights in an external data file are read into memory: ORT's quantizers work in their own temp dirs
+        ir.external_data.load_to_model(model)
         proto = ir.serde.serialize_model(model)
         with _quiet():
             if self.scheme == "int8":
