@@ -55,17 +55,24 @@ def ir_dims(value) -> list:
     return [] if value.shape is None else [d if isinstance(d, int) else str(d.value) for d in value.shape]
 
 
-def slots_of_ir(model) -> SlotTable:
-    """The LoRA slots of an `onnx_ir.Model` (its initializers serve as the base weights)."""
+def ir_initializers(model, where: str = "the graph"):
+    """An `onnx_ir.Model`'s initializers by name as numpy arrays (a `contract.BaseWeights`: the base weights
+    DoRA scales and `modules_to_save` bank rows need)."""
+    import numpy as np
 
     def base(name: str):
         value = model.graph.initializers.get(name)
         if value is None or value.const_value is None:
-            raise UserError(f"the graph has no initializer {name!r}: it does not hold that base weight")
-        return value.const_value.numpy()
+            raise UserError(f"{where} has no initializer {name!r}: the graph does not hold that base weight")
+        return np.asarray(value.const_value.numpy())
 
+    return base
+
+
+def slots_of_ir(model) -> SlotTable:
+    """The LoRA slots of an `onnx_ir.Model` (its initializers serve as the base weights)."""
     values = ((v.name, ir_dims(v), v.dtype) for v in model.graph.inputs if v.dtype is not None)
-    return SlotTable.from_inputs(values, model.metadata_props.get(SLOTS_METADATA), base)
+    return SlotTable.from_inputs(values, model.metadata_props.get(SLOTS_METADATA), ir_initializers(model))
 
 
 def value_info(value) -> dict[str, Any]:
@@ -97,15 +104,11 @@ class InitializerReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._model = None
+        self._read = None
 
     def __call__(self, name: str):
-        import numpy as np
         import onnx_ir as ir
 
-        if self._model is None:
-            self._model = ir.load(str(self.path))
-        value = self._model.graph.initializers.get(name)
-        if value is None or value.const_value is None:
-            raise UserError(f"{self.path} has no initializer {name!r}: the graph does not hold that base weight")
-        return np.asarray(value.const_value.numpy())
+        if self._read is None:
+            self._read = ir_initializers(ir.load(str(self.path)), str(self.path))
+        return self._read(name)

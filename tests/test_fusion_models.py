@@ -27,21 +27,11 @@ TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj"
 def qwen2(tmp_path_factory):
     """A tiny Qwen2 (GQA, q/k/v biases) saved as a transformers directory and loaded like a user's model."""
     import torch
-    import transformers
 
     from lora_export.models import load_model
+    from lora_export.models.zoo import build_sample
 
-    cfg = transformers.Qwen2Config(
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=160,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg)
+    model, _ = build_sample("qwen2")  # the zoo's tiny Qwen2
     with torch.no_grad():  # transformers starts biases at zero: make them count
         for name, p in model.named_parameters():
             if name.endswith("bias"):

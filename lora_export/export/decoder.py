@@ -19,8 +19,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from lora_export import contract
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import merge_adapter
@@ -56,7 +54,7 @@ from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inpu
 from lora_export.export.manifest import build_manifest
 from lora_export.fileio import atomic_dir, write_json
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import write_manifest
+from lora_export.onnxio import ir_initializers, write_manifest
 
 TRACE_BATCH, TRACE_SEQ = 2, 3  # >= 2: torch.export specializes dims of size 0 and 1
 _WRITTEN = (MODEL_NAME, f"{MODEL_NAME}.data", f"{MODEL_NAME}.json", CONFIG_NAME, ADAPTERS_DIR, *TOKENIZER_FILES)
@@ -130,7 +128,7 @@ def export_decoder(
     )
     if table is not None:
         wiring.finish(work.module, model, prefix="model.")  # KvCacheLM holds the model as `model`
-        table.base = _initializers(model)
+        table.base = ir_initializers(model)  # DoRA scales of the packed adapters read base weights
     manifest = build_manifest(decoder_kind(layout), view, model, adapters=adapters, dtype=dtype, slots=table)
     manifest.model = {"source": loaded.source, "arch": loaded.arch}
     manifest.extra[DECODER_KEY] = facts.to_dict()
@@ -147,15 +145,6 @@ def export_decoder(
                 write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
                 packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
     return DecoderExport(out, manifest, facts, packed)
-
-
-def _initializers(model):
-    """The traced graph's initializers by name (DoRA scales of the packed adapters read base weights)."""
-
-    def get(name: str) -> np.ndarray:
-        return np.asarray(model.graph.initializers[name].const_value.numpy())
-
-    return get
 
 
 def _check_request(out: Path, adapters: list[Adapter], layout: str, force: bool) -> None:

@@ -159,12 +159,7 @@ def plan_merge(work: LoadedModel, plan: StreamPlan, adapter: Adapter) -> list[st
     check_fits(work.module, adapter)
     modules = unwrap(work.module)
     for path, lora in sorted(adapter.modules.items()):
-        layer = modules[path]
-        old = layer.weight
-        base = plan.tensors[id(old)]
-        new = meta_parameter(old)
-        layer.weight = new
-        plan.tensors[id(new)] = Planned(base.source, base.dtype, base.shape, (lora, stores_in_out(layer), path))
+        _own_planned(plan, modules[path], (lora, stores_in_out(modules[path]), path))
     return sorted(adapter.modules)
 
 
@@ -176,12 +171,18 @@ def plan_untie(work: LoadedModel, plan: StreamPlan, paths: list[str]) -> list[st
     for path in paths:
         old = getattr(modules[path], "weight", None)
         if isinstance(old, torch.Tensor) and is_shared(work.module, old):
-            base = plan.tensors[id(old)]
-            new = meta_parameter(old)
-            modules[path].weight = new
-            plan.tensors[id(new)] = Planned(base.source, base.dtype, base.shape)
+            _own_planned(plan, modules[path])
             untied.append(path)
     return untied
+
+
+def _own_planned(plan: StreamPlan, layer: torch.nn.Module, merge: tuple[ModuleLora, bool, str] | None = None) -> None:
+    """Give `layer` a weight of its own on the meta device, planned from its current weight's source (`merge`:
+    written as that weight merged with a LoRA)."""
+    base = plan.tensors[id(layer.weight)]
+    new = meta_parameter(layer.weight)
+    layer.weight = new
+    plan.tensors[id(new)] = Planned(base.source, base.dtype, base.shape, merge)
 
 
 def check_disk_space(out: Path, weight_bytes: int) -> None:
