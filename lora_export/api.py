@@ -353,10 +353,10 @@ def export_decoder(
     from lora_export.export.decoder import export_decoder as _export
 
     with _step(progress, _loading(model)):
-        loaded = as_model(model)
+        loaded = as_model(model, lazy=True)
         ads = [as_adapter(a) for a in adapters]
-    with _step(progress, f"exporting the decoder ({layout})"):
-        result = _export(loaded, out, adapters=ads, layout=layout, **export_kwargs)
+    with _step(progress, f"exporting the decoder ({layout})") as update:
+        result = _export(loaded, out, adapters=ads, layout=layout, on_write=_writer(update), **export_kwargs)
     report = None
     if verify:
         rows = len(ads) + 1 if layout == BANK else 2

@@ -7,9 +7,12 @@
 For each shape: write a transformers checkpoint with random weights (safetensors shards, written one tensor at a
 time), a random r=8 adapter with `make-adapter`, then run each CLI command in a fresh process and read its peak
 resident set size from the kernel (`wait4` rusage: file-backed pages a process maps count too) and its wall time:
-`merge-and-export` (with its verify, and `--no-verify`) and `export-branched` (with its verify). The ratio is
-peak RSS / fp32 weight bytes; the Python + torch + onnxruntime start-up (measured too) is included. A fit of
-peak and time against the parameter count extrapolates to 7-8B models. A command is skipped (and says so) when
+`merge-and-export` (with its verify, and `--no-verify`), `export-branched` (inputs and bank layouts, with their
+verify) and `export-decoder` (merged, with its generation check, and `--no-verify`). The ratio is peak RSS /
+fp32 weight bytes; the Python + torch + onnxruntime start-up (measured too) is included. Time is reported as wall
+and CPU seconds (user + system of the child: steadier than wall on a shared machine) per billion parameters;
+a least-squares fit of peak and time against the parameter count (with its R², the linearity check)
+extrapolates to 7-8B models. A command is skipped (and says so) when
 the machine has not got the memory free that it would need. Temp directories are deleted at the end.
 """
 
@@ -59,6 +62,28 @@ MODES = {
         "--no-verify",
     ],
     "export-branched": ["export-branched", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
+    "export-branched --layout bank": [
+        "export-branched",
+        "{model}",
+        "--adapter",
+        "{adapter}",
+        "--layout",
+        "bank",
+        "-o",
+        "{out}",
+        "--force",
+    ],
+    "export-decoder": ["export-decoder", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
+    "export-decoder --no-verify": [
+        "export-decoder",
+        "{model}",
+        "--adapter",
+        "{adapter}",
+        "-o",
+        "{out}",
+        "--force",
+        "--no-verify",
+    ],
 }
 SHARD_BYTES = 512 << 20
 
@@ -128,7 +153,14 @@ def run_measured(args: list[str], env: dict[str, str], timeout: float, cwd: Path
     wall = time.perf_counter() - t0
     output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "peak_rss": usage.ru_maxrss * 1024, "wall_s": wall, "tail": output[-600:]}
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "rc": proc.returncode,
+        "peak_rss": usage.ru_maxrss * 1024,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "tail": output[-600:],
+    }
 
 
 def machine() -> dict:
@@ -138,8 +170,8 @@ def machine() -> dict:
     return {"available_gb": round(vm.available / 1e9, 1), "load_1min": round(os.getloadavg()[0], 1)}
 
 
-def fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
-    """Least squares y = a + b x."""
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
+    """Least squares y = a + b x, and its R² (1.0: the points lie on the line)."""
     if len(xs) < 2:
         return None
     n = len(xs)
@@ -148,7 +180,10 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     if sxx == 0:
         return None
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - b * mx, b
+    a = my - b * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
+    return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
 
 
 def main() -> int:
@@ -218,19 +253,21 @@ def main() -> int:
                         rc=res["rc"],
                         peak_rss=res["peak_rss"],
                         wall_s=round(res["wall_s"], 1),
+                        cpu_s=round(res["cpu_s"], 1),
                         ratio=round(res["peak_rss"] / nbytes, 2),
                     )
                     if res["rc"] != 0:
                         row["tail"] = res["tail"]
                     print(
                         f"  {code} {mode}: peak {res['peak_rss'] / 1e9:.2f} GB = {row['ratio']}x weights, "
-                        f"{row['wall_s']}s, rc {res['rc']} (available before: {free['available_gb']} GB, "
+                        f"{row['wall_s']}s wall, {row['cpu_s']}s CPU, rc {res['rc']} "
+                        f"(available before: {free['available_gb']} GB, "
                         f"load {free['load_1min']})",
                         flush=True,
                     )
                     rows.append(row)
-                    for f in work.glob(f"{shape}.onnx*"):
-                        f.unlink()
+                    for f in work.glob(f"{shape}.onnx*"):  # a graph and its data, or a decoder folder
+                        shutil.rmtree(f) if f.is_dir() else f.unlink()
             shutil.rmtree(ckpt, ignore_errors=True)
             shutil.rmtree(adapter, ignore_errors=True)
     finally:
@@ -253,12 +290,21 @@ def extrapolate(rows: list[dict]) -> dict:
         done = [r for r in rows if r["mode"] == mode and r["code"] == "this checkout" and r.get("rc") == 0]
         peak = fit([r["weight_bytes"] for r in done], [r["peak_rss"] for r in done])
         wall = fit([r["parameters"] for r in done], [r["wall_s"] for r in done])
+        cpu = fit([r["parameters"] for r in done if "cpu_s" in r], [r["cpu_s"] for r in done if "cpu_s" in r])
         if peak is None or wall is None:
             continue
         out[mode] = {
             "peak_per_weight_byte": round(peak[1], 3),
             "peak_intercept_gb": round(peak[0] / 1e9, 2),
+            "peak_r2": round(peak[2], 4),
             "seconds_per_billion_parameters": round(wall[1] * 1e9, 1),
+            "wall_r2": round(wall[2], 4),
+            **(
+                {"cpu_seconds_per_billion_parameters": round(cpu[1] * 1e9, 1), "cpu_r2": round(cpu[2], 4)}
+                if cpu
+                else {}
+            ),
+            "points": len(done),
             **{
                 f"{n}B": {
                     "peak_gb": round((peak[0] + peak[1] * n * 4e9) / 1e9, 1),
@@ -274,9 +320,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"Start-up RSS (python + torch + onnxruntime + transformers): {report['startup_rss'] / 1e9:.2f} GB",
         "",
-        "| shape | parameters | fp32 weights | code | command | peak RSS | peak / weights | wall | "
+        "| shape | parameters | fp32 weights | code | command | peak RSS | peak / weights | wall | CPU | "
         "available before | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         peak = f"{r['peak_rss'] / 1e9:.2f} GB" if "peak_rss" in r else r.get("skipped", "")
@@ -284,19 +330,24 @@ def markdown(report: dict) -> str:
         wall = f"{r['wall_s']} s" + ("" if r.get("rc", 0) == 0 else f" (rc {r['rc']})") if "wall_s" in r else "-"
         lines.append(
             f"| {r['shape']} | {r['parameters'] / 1e6:.0f}M | {r['weight_bytes'] / 1e9:.2f} GB | {r['code']} | "
-            f"`{r['mode']}` | {peak} | {ratio} | {wall} | {r['available_gb']} GB | {r['load_1min']} |"
+            f"`{r['mode']}` | {peak} | {ratio} | {wall} | {r['cpu_s']} s | {r['available_gb']} GB | {r['load_1min']} |"
+            if "cpu_s" in r
+            else f"`{r['mode']}` | {peak} | {ratio} | {wall} | - | {r['available_gb']} GB | {r['load_1min']} |"
         )
     if report["extrapolation"]:
         lines += [
             "",
-            "| command | peak ≈ a + b·weights | time per 1B params | 7B: peak, time | 8B: peak, time |",
-            "|---|---|---|---|---|",
+            "| command | points | peak ≈ a + b·weights (R²) | wall per 1B params (R²) | CPU per 1B params (R²) | "
+            "7B: peak, wall | 8B: peak, wall |",
+            "|---|---|---|---|---|---|---|",
         ]
         for mode, e in report["extrapolation"].items():
+            cpu = f"{e['cpu_seconds_per_billion_parameters']} s ({e['cpu_r2']})" if "cpu_r2" in e else "-"
             lines.append(
-                f"| `{mode}` | {e['peak_intercept_gb']} GB + {e['peak_per_weight_byte']}·W | "
-                f"{e['seconds_per_billion_parameters']} s | {e['7B']['peak_gb']} GB, {e['7B']['wall_min']} min | "
-                f"{e['8B']['peak_gb']} GB, {e['8B']['wall_min']} min |"
+                f"| `{mode}` | {e['points']} | {e['peak_intercept_gb']} GB + {e['peak_per_weight_byte']}·W "
+                f"({e['peak_r2']}) | {e['seconds_per_billion_parameters']} s ({e['wall_r2']}) | {cpu} | "
+                f"{e['7B']['peak_gb']} GB, {e['7B']['wall_min']} min | {e['8B']['peak_gb']} GB, "
+                f"{e['8B']['wall_min']} min |"
             )
     return "\n".join(lines) + "\n"
 

@@ -59,7 +59,7 @@ from lora_export.errors import AdapterError, UserError, named
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
-from lora_export.export.stream import OnWrite, check_disk_space, export_skeleton, plan_untie
+from lora_export.export.stream import OnWrite, StreamPlan, check_disk_space, export_skeleton, plan_untie
 from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import write_manifest
@@ -250,6 +250,20 @@ class Wiring:
     paths: list[str]
     table: SlotTable
 
+    def work(self, loaded: LoadedModel, dtype: torch.dtype) -> tuple[LoadedModel, StreamPlan | None]:
+        """What this layout traces: a weightless skeleton (each slot's base weight untied in the plan, so bake and
+        refit change only that layer) and the plan streaming its weights; or, when `modules_to_save` defaults are
+        the model's values, a private copy of the loaded weights (plan None)."""
+        if self.table.saved:
+            return loaded.materialized().copy(dtype=dtype), None
+        work, plan = export_skeleton(loaded, dtype)
+        plan_untie(work, plan, self.paths)
+        return work, plan
+
+    def default_bytes(self) -> int:
+        """Bytes of the extra inputs' default initializers (the graph stores them besides the weights)."""
+        return sum(e.default.numel() * e.default.element_size() for e in self.extra if e.default is not None)
+
     def attach(self, module: torch.nn.Module, feed: BranchFeed) -> None:
         """Route `module`'s LoRA branches and `modules_to_save` parameters through `feed` (the graph inputs). A
         slot's base weight becomes its own first (untied), so bake and refit change only that layer."""
@@ -330,16 +344,10 @@ def export_branched(
         loaded, adapters, targets, layout, max_rank, dtype, batch, dora=dora, saved_modules=saved_modules
     )
     torch_dtype = contract.torch_dtype(dtype)
-    if wiring.table.saved:  # modules_to_save defaults are the model's values: built from the loaded weights
-        plan = None
-        work = loaded.materialized().copy(dtype=torch_dtype)
-        out = check_output_path(out, force)
-    else:
-        work, plan = export_skeleton(loaded, torch_dtype)
-        plan_untie(work, plan, wiring.paths)  # a slot's base weight is its own (bake, refit), streamed as well
-        lora_bytes = sum(e.default.numel() * e.default.element_size() for e in wiring.extra if e.default is not None)
-        check_disk_space(Path(out), plan.weight_bytes(work.module) + lora_bytes)
-        out = check_output_path(out, force)
+    work, plan = wiring.work(loaded, torch_dtype)
+    if plan is not None:
+        check_disk_space(Path(out), plan.weight_bytes(work.module) + wiring.default_bytes())
+    out = check_output_path(out, force)
     feed = BranchFeed(layout)
     wiring.attach(work.module, feed)
     model = trace_mod.trace(

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from lora_export import contract
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.inject import merge_adapter
 from lora_export.adapters.layer import BranchFeed
 from lora_export.adapters.pack import write_packed
 from lora_export.contract import (
@@ -52,6 +51,8 @@ from lora_export.export import trace as trace_mod
 from lora_export.export.branched import lora_wiring
 from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inputs, probe
 from lora_export.export.manifest import build_manifest
+from lora_export.export.merged import merged_work
+from lora_export.export.stream import OnWrite, check_disk_space
 from lora_export.fileio import atomic_dir, write_json
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import ir_initializers, write_manifest
@@ -104,27 +105,33 @@ def export_decoder(
     dtype: str = "fp32",
     opset: int | None = None,
     force: bool = False,
+    on_write: OnWrite | None = None,
 ) -> DecoderExport:
-    """Write the decoder folder `out` for `loaded` with `adapters` in `layout`."""
+    """Write the decoder folder `out` for `loaded` with `adapters` in `layout`. Weights are streamed as in
+    `export_merged` (a weightless skeleton is traced, each weight written once when the graph is saved);
+    `on_write(bytes done, total, tensor)` follows them."""
     out = Path(out)
     adapters = list(adapters)
     check_causal_lm(loaded.module, loaded.arch, loaded.source)
     _check_request(out, adapters, layout, force)
     torch_dtype = contract.torch_dtype(dtype)
-    work = loaded.copy(dtype=torch_dtype)
-    extra, feed, table = [], None, None
+    facts = probe(loaded.module, loaded.source)
+    wiring, feed = None, None
     if layout == MERGED:
-        if adapters:
-            merge_adapter(work.module, adapters[0])
+        work, plan = merged_work(loaded, adapters[0] if adapters else None, torch_dtype)
     else:
         wiring = lora_wiring(loaded, adapters, targets, layout, max_rank, dtype, TRACE_BATCH)
-        extra, table = wiring.extra, wiring.table
+        work, plan = wiring.work(loaded, torch_dtype)
+    if plan is not None:
+        lora_bytes = wiring.default_bytes() if wiring is not None else 0
+        check_disk_space(out / MODEL_NAME, plan.weight_bytes(work.module) + lora_bytes)
+    if wiring is not None:
         feed = BranchFeed(layout)
         wiring.attach(work.module, feed)
-    facts = probe(loaded.module, loaded.source)
+    extra, table = (wiring.extra, wiring.table) if wiring is not None else ([], None)
     view = decoder_view(work, facts, torch_dtype)
     model = trace_mod.trace(
-        view, extra=extra, feed=feed, batch=TRACE_BATCH, seq=TRACE_SEQ, opset=opset, dtype=torch_dtype
+        view, extra=extra, feed=feed, batch=TRACE_BATCH, seq=TRACE_SEQ, opset=opset, dtype=torch_dtype, weights=plan
     )
     if table is not None:
         wiring.finish(work.module, model, prefix="model.")  # KvCacheLM holds the model as `model`
@@ -135,7 +142,7 @@ def export_decoder(
     search = search_defaults(getattr(loaded.module, "generation_config", None))
     packed: dict[str, Path] = {}
     with atomic_dir(out, replaceable=_WRITTEN if force else ()) as tmp:
-        trace_mod.save(model, tmp / MODEL_NAME)
+        trace_mod.save(model, tmp / MODEL_NAME, on_write=on_write)
         write_manifest(tmp / MODEL_NAME, manifest)
         write_json(tmp / CONFIG_NAME, genai_config(facts, MODEL_NAME, search))
         _copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp)

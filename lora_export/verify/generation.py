@@ -34,6 +34,7 @@ from lora_export.adapters.peft_io import read_adapter
 from lora_export.contract import BANK, INPUTS, MERGED
 from lora_export.errors import UserError
 from lora_export.models.loading import LoadedModel
+from lora_export.models.skeleton import shared_module
 
 DEFAULT_SHAPES = [(1, 8), (3, 11)]  # (rows, longest prompt); rows get different lengths (left padding)
 # quantized folders: minimum share of greedy positions equal to the float reference's
@@ -84,10 +85,19 @@ def make_prompts(vocab: int, rows: int, longest: int, seed: int) -> list[list[in
 
 
 class Reference:
-    """The PyTorch model (a private copy) with one adapter resident at a time; greedy transformers `generate`."""
+    """The PyTorch model with one adapter resident at a time; greedy transformers `generate`. A lazily loaded
+    model is loaded here (owned, released with the reference); a caller's float32 model gets a new module tree
+    over its own tensors (LoRA layers wrap that tree, the caller's model is untouched, no weight is copied)."""
 
     def __init__(self, loaded: LoadedModel):
-        self.model = copy.deepcopy(loaded.module).float().eval()
+        fresh = loaded.materialized()
+        if fresh is not loaded:
+            module = fresh.module
+        elif all(p.dtype == torch.float32 for p in loaded.module.parameters()):
+            module = shared_module(loaded.module)
+        else:  # casting would change the caller's parameters in place
+            module = copy.deepcopy(loaded.module)
+        self.model = module.float().eval()
 
     def use(self, adapter: Adapter | None) -> None:
         if adapter is not None:
@@ -158,15 +168,18 @@ def verify_generation(
 
         scheme = graph_scheme(Path(folder) / "model.onnx")
         report = GenerationReport(str(folder), layout, new_tokens, atol, quantization=scheme)
-        ref = Reference(loaded)
-        by_name = {a.name: a for a in adapters}
+        runs = []  # our side of every case first: the session holds the weights only until it closes
         for rows_needed, longest in shapes or DEFAULT_SHAPES:
             for seed in seeds:
                 prompts = make_prompts(gen.facts.vocab_size, rows_needed, longest, seed)
                 for label, rows in _cases(layout, adapters, len(prompts)):
-                    name = f"{label} {rows_needed}x{longest} seed {seed}"
-                    case = _run_case(gen, ref, by_name, name, prompts, rows, new_tokens, atol, layout, scheme)
-                    report.cases.append(case)
+                    fed = rows if layout != MERGED else [None] * len(rows)
+                    ours = greedy_batch(gen, prompts, fed, new_tokens)
+                    runs.append((f"{label} {rows_needed}x{longest} seed {seed}", prompts, rows, ours))
+    ref = Reference(loaded)  # then the PyTorch side: one copy of the weights in memory at a time
+    by_name = {a.name: a for a in adapters}
+    for name, prompts, rows, ours in runs:
+        report.cases.append(_run_case(ref, by_name, name, prompts, rows, ours, new_tokens, atol, scheme))
     return report
 
 
@@ -180,8 +193,9 @@ def _cases(layout: str, adapters: list[Adapter], n: int) -> list[tuple[str, list
     return [("bank rows " + ",".join(r or "-" for r in rows), rows)]
 
 
-def _run_case(gen, ref, by_name, label, prompts, rows, new_tokens, atol, layout, scheme=None) -> GenerationCase:
-    ours, our_logits = greedy_batch(gen, prompts, rows if layout != MERGED else [None] * len(rows), new_tokens)
+def _run_case(ref, by_name, label, prompts, rows, ours, new_tokens, atol, scheme=None) -> GenerationCase:
+    """Judge our (tokens, logits) for one case against the reference's greedy generate, row by row."""
+    ours, our_logits = ours
     case = GenerationCase(label, rows, [len(p) for p in prompts], [], ours, [], 0.0)
     effect, first_err, cosines = None, 0.0, []
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
