@@ -107,11 +107,13 @@ def merge_and_export(
     out: str | Path,
     *,
     verify: bool = True,
+    verify_by_layer: bool | None = None,
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
     **export_kwargs,
 ) -> ExportOutcome:
-    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch.
+    """Fold `adapter` into the weights (none: the base model), export to `out`, verify against PyTorch
+    (`verify_by_layer`: piece by piece, `verify.by_layer`; None: when the weights would not fit in memory).
     `adapter` may be a list (the CLI's repeatable --adapter) of at most one: a merged graph holds one adapter,
     so a second one is refused, never silently dropped."""
     from lora_export.export.merged import export_merged
@@ -129,7 +131,9 @@ def merge_and_export(
     report = None
     if verify:
         with _step(progress, "verifying against PyTorch"):
-            report = verify_graph(loaded, result.path, [ad] if ad else [], check_effect=ad is not None)
+            report = verify_graph(
+                loaded, result.path, [ad] if ad else [], check_effect=ad is not None, by_layer=verify_by_layer
+            )
     return ExportOutcome(result, report)
 
 
@@ -139,10 +143,12 @@ def export_branched(
     *,
     adapters: list[AdapterLike] = (),
     verify: bool = True,
+    verify_by_layer: bool | None = None,
     progress: Progress | None = None,
     **export_kwargs,
 ) -> ExportOutcome:
-    """Export with the LoRA branch kept in the graph (`layout` inputs or bank); verify with the adapters."""
+    """Export with the LoRA branch kept in the graph (`layout` inputs or bank); verify with the adapters
+    (`verify_by_layer` as in `merge_and_export`)."""
     from lora_export.export.branched import export_branched as _export
     from lora_export.verify.check import verify_graph
 
@@ -156,7 +162,13 @@ def export_branched(
     report = None
     if verify:
         with _step(progress, "verifying against PyTorch"):
-            report = verify_graph(loaded, result.path, verifying_adapters(layout, ads), check_effect=bool(ads))
+            report = verify_graph(
+                loaded,
+                result.path,
+                verifying_adapters(layout, ads),
+                check_effect=bool(ads),
+                by_layer=verify_by_layer,
+            )
     return ExportOutcome(result, report)
 
 

@@ -140,3 +140,24 @@ def test_generation_reference_shares_the_callers_weights(sample_cache):
     assert ours == {p.data_ptr() for p in loaded.module.parameters()}
     ref.use(make_random_adapter(loaded, r=4, seed=1))
     assert not any(type(m).__name__ == "LoraLayer" for m in loaded.module.modules())  # caller's model untouched
+
+
+def test_lazy_load_reads_generation_config_as_from_pretrained(checkpoints, tmp_path):
+    """eos / pad / sampling defaults of generation_config.json reach a streamed decoder folder's genai_config."""
+    import json
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["llama"], ckpt)
+    gen = (
+        json.loads((ckpt / "generation_config.json").read_text()) if (ckpt / "generation_config.json").exists() else {}
+    )
+    gen.update(eos_token_id=[5, 7], pad_token_id=3, temperature=0.6, top_p=0.9, do_sample=True)
+    (ckpt / "generation_config.json").write_text(json.dumps(gen))
+    eager, lazy = load_model(str(ckpt)), load_model(str(ckpt), lazy=True)
+    assert lazy.module.generation_config.to_dict() == eager.module.generation_config.to_dict()
+    folder = decoder_mod.export_decoder(lazy, tmp_path / "f").path
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["eos_token_id"] in ([5, 7], 5)
+    assert config["model"]["pad_token_id"] == 3
+    assert config["search"]["temperature"] == 0.6 and config["search"]["top_p"] == 0.9

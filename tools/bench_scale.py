@@ -7,7 +7,7 @@
 For each shape: write a transformers checkpoint with random weights (safetensors shards, written one tensor at a
 time), a random r=8 adapter with `make-adapter`, then run each CLI command in a fresh process and read its peak
 resident set size from the kernel (`wait4` rusage: file-backed pages a process maps count too) and its wall time:
-`merge-and-export` (with its verify, and `--no-verify`), `export-branched` (inputs and bank layouts, with their
+`merge-and-export` (with its verify, `--no-verify`, and its verify `--by-layer`), `export-branched` (inputs and bank layouts, with their
 verify) and `export-decoder` (merged, with its generation check, and `--no-verify`). The ratio is peak RSS /
 fp32 weight bytes; the Python + torch + onnxruntime start-up (measured too) is included. Time is reported as wall
 and CPU seconds (user + system of the child: steadier than wall on a shared machine) per billion parameters;
@@ -60,6 +60,16 @@ MODES = {
         "{out}",
         "--force",
         "--no-verify",
+    ],
+    "merge-and-export --by-layer": [
+        "merge-and-export",
+        "{model}",
+        "--adapter",
+        "{adapter}",
+        "-o",
+        "{out}",
+        "--force",
+        "--by-layer",
     ],
     "export-branched": ["export-branched", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
     "export-branched --layout bank": [

@@ -77,6 +77,8 @@ def parity_table(report) -> None:
         ["inputs", "output", "max abs", "max rel", "mean abs", "cosine", "top-1", "tolerance", "result"],
         rows,
     )
+    if report.method:
+        out.print(f"ran: {report.method}")
     for name, check in report.checks.items():
         mark = "[green]pass[/green]" if check.get("passed", True) else f"[red]FAIL[/red] {check.get('reason', '')}"
         details = ", ".join(f"{k}={_fmt(v)}" for k, v in check.items() if k not in ("passed", "reason"))

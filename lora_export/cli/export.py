@@ -8,6 +8,7 @@ from lora_export import api
 from lora_export.cli import display
 from lora_export.cli.app import cli
 from lora_export.cli.options import (
+    by_layer_option,
     export_options,
     model_argument,
     nonfinite_option,
@@ -31,14 +32,18 @@ from lora_export.cli.options import (
 @shape_options
 @nonfinite_option
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the PyTorch reference.")
+@by_layer_option
 @progress_steps
-def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len, allow_nonfinite, no_verify, steps):
+def merge_and_export(
+    model, adapter, output, opset, dtype, force, batch, seq_len, allow_nonfinite, no_verify, by_layer, steps
+):
     """Fold the adapter into the weights (W0 + s·B·A, fp32) and export ONNX; then verify it."""
     outcome = api.merge_and_export(
         model,
         list(adapter),
         output,
         verify=not no_verify,
+        verify_by_layer=by_layer,
         allow_nonfinite=allow_nonfinite,
         progress=steps,
         opset=opset,
@@ -95,6 +100,7 @@ def merge_and_export(model, adapter, output, opset, dtype, force, batch, seq_len
 @export_options
 @shape_options
 @click.option("--no-verify", is_flag=True)
+@by_layer_option
 @progress_steps
 def export_branched(
     model,
@@ -111,6 +117,7 @@ def export_branched(
     batch,
     seq_len,
     no_verify,
+    by_layer,
     steps,
 ):
     """Export with the LoRA side branch kept in the graph: swap adapters at run time, or mix them per row."""
@@ -119,6 +126,7 @@ def export_branched(
         output,
         adapters=list(adapters),
         verify=not no_verify,
+        verify_by_layer=by_layer,
         progress=steps,
         targets=parse_targets(targets),
         layout=layout,

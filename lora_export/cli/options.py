@@ -52,6 +52,17 @@ def nonfinite_option(f):
     return click.option("--allow-nonfinite", is_flag=True, help="Accept NaN/Inf in adapter weights.")(f)
 
 
+def by_layer_option(f):
+    return click.option(
+        "--by-layer/--whole-model",
+        "by_layer",
+        default=None,
+        help="Verify piece by piece (PyTorch module by module from the checkpoint, ONNX Runtime in pieces of the "
+        "graph) or the whole model at once; default: by layer only when the weights would not fit in the memory "
+        "available. The report says which ran.",
+    )(f)
+
+
 def json_option(f):
     return click.option(
         "--json",

@@ -10,6 +10,7 @@ from lora_export import api
 from lora_export.cli import display
 from lora_export.cli.app import cli
 from lora_export.cli.options import (
+    by_layer_option,
     json_option,
     model_argument,
     nonfinite_option,
@@ -94,6 +95,7 @@ def sweep_shapes(shapes: str | None, batches: str | None, seqs: str | None) -> l
     help="--task: score points (0-100) a quantized or fp16 folder may differ from PEFT [1.0]; "
     "an fp32 folder must generate PEFT's text exactly.",
 )
+@by_layer_option
 @json_option
 @nonfinite_option
 def verify(
@@ -118,6 +120,7 @@ def verify(
     split,
     limit,
     tolerance,
+    by_layer,
     json_path,
     allow_nonfinite,
 ):
@@ -164,6 +167,7 @@ def verify(
             providers=list(providers) or None,
             check_effect=not no_effect_check,
             oracle=oracle,
+            by_layer=by_layer,
             save_inputs=save_inputs,
             on_case=lambda d, n: progress(f"{candidate} vs {reference}", d, n),
         )

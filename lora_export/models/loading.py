@@ -155,6 +155,7 @@ def _load_transformers_dir(path: Path, spec: str, lazy: bool = False) -> LoadedM
         cls = getattr(transformers, arch_names[0], None) if arch_names else None
         if files is not None:
             module = _skeleton_from_config(cls or transformers.AutoModel, config, files)
+            _read_generation_config(module, path)
         else:
             cls = cls or transformers.AutoModel
             load = cls.from_pretrained if cls is not transformers.AutoModel else transformers.AutoModel.from_pretrained
@@ -192,6 +193,16 @@ def _wrap_skeleton(module: nn.Module, spec: str, rebuild) -> LoadedModel:
         del stand_in
     loaded.rebuild = rebuild
     return loaded
+
+
+def _read_generation_config(module: nn.Module, path: Path) -> None:
+    """As `from_pretrained` does for a model that can generate: its directory's generation_config.json (eos,
+    pad and sampling defaults) replaces the one derived from config.json."""
+    import transformers
+
+    can_generate = getattr(module, "can_generate", None)
+    if (path / "generation_config.json").is_file() and callable(can_generate) and can_generate():
+        module.generation_config = transformers.GenerationConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def _skeleton_from_config(cls, config, files: dict[str, Path]) -> nn.Module:

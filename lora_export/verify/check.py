@@ -12,6 +12,7 @@ error, so an adapter silently dropped somewhere cannot pass.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import InitializerReader, load_onnx_header, slots_of_proto
+from lora_export.verify.by_layer import (
+    SegmentedGraph,
+    describe,
+    graph_weight_bytes,
+    jit_module,
+    needs_by_layer,
+)
 from lora_export.verify.parity import QUANTIZED_CRITERIA, ParityReport, adapter_effect, compare_outputs
 from lora_export.verify.peft_reference import PeftSide, resolve_oracle
 
@@ -69,8 +77,13 @@ class TorchSide:
     dtype: str = "fp32"
     runner: TorchRunner | None = None
 
+    by_layer: bool = False
+
     def __enter__(self) -> TorchSide:
-        self.runner = TorchRunner(self.loaded, None, adapters=self.adapters).__enter__()
+        self.runner = TorchRunner(
+            jit_loaded(self.loaded) if self.by_layer else self.loaded, None, adapters=self.adapters
+        )
+        self.runner.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -147,11 +160,13 @@ def open_side(
     engine_path: str | Path | None = None,
     providers: list[str] | None = None,
     oracle: str = "auto",
+    by_layer: bool = False,
 ):
     """A side for `backend` (not yet entered). Graph sides need `onnx_path` (ort) or `engine_path` (trt); the
-    torch side runs PEFT or our own LoRA layer as `oracle` says (`peft_reference.resolve_oracle`)."""
+    torch side runs PEFT or our own LoRA layer as `oracle` says (`peft_reference.resolve_oracle`). `by_layer`:
+    each side runs one piece of the model at a time (`verify.by_layer`)."""
     if backend == "torch":
-        return torch_side(loaded, list(adapters), oracle)
+        return torch_side(loaded, list(adapters), oracle, by_layer)
     if backend == "ort":
         from lora_export.backends.onnxrt import OrtRunner
 
@@ -159,8 +174,8 @@ def open_side(
             raise UserError("the ort backend needs the graph: pass --onnx PATH")
         header = load_onnx_header(onnx_path)  # slots and precision before any session holds the weights
         return GraphSide(
-            OrtRunner(onnx_path, providers),
-            slots_of_proto(header),
+            SegmentedGraph(onnx_path, providers) if by_layer else OrtRunner(onnx_path, providers),
+            slots_of_proto(header, InitializerReader(onnx_path) if by_layer else None),
             list(adapters),
             f"ort:{Path(onnx_path).name}",
             precision(o.type.tensor_type.elem_type for o in header.graph.output),
@@ -179,13 +194,41 @@ def open_side(
     raise UserError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
-def torch_side(loaded: LoadedModel, adapters: list[Adapter], oracle: str = "auto"):
+def torch_side(loaded: LoadedModel, adapters: list[Adapter], oracle: str = "auto", by_layer: bool = False):
     """The PyTorch reference: PEFT's own forward (`PeftSide`) when `oracle` resolves to peft, else our LoRA layer
-    (`TorchSide`); its label says which ran."""
+    (`TorchSide`); its label says which ran. `by_layer`: each module's weights read just in time."""
     if resolve_oracle(oracle) == "peft":
-        return PeftSide(loaded, adapters)
+        return PeftSide(loaded, adapters, by_layer=by_layer)
     fallback = " (fallback: peft is not installed)" if oracle == "auto" else ""
-    return TorchSide(loaded, adapters, label=f"torch+lora-export{fallback}")
+    return TorchSide(loaded, adapters, label=f"torch+lora-export{fallback}", by_layer=by_layer)
+
+
+def jit_loaded(loaded: LoadedModel) -> LoadedModel:
+    """`loaded` over a module whose weights are read module by module at each forward (`by_layer.jit_module`)."""
+    run = copy.copy(loaded)
+    run.module, run.checkpoint, run.rebuild = jit_module(loaded), None, None
+    return run
+
+
+def choose_by_layer(
+    by_layer: bool | None, loaded: LoadedModel, adapters: list[Adapter], onnx_path, backends: tuple[str, str]
+) -> bool:
+    """Whether to verify piece by piece: `by_layer` when given (True refuses what cannot run that way), else when
+    the graph's weights would not fit in the memory available and the model can be streamed."""
+    if by_layer is False:
+        return False
+    problem = None
+    if onnx_path is None or set(backends) != {"torch", "ort"}:
+        problem = "a by-layer verify compares PyTorch with ONNX Runtime (--reference torch --candidate ort)"
+    elif loaded.checkpoint is None:
+        problem = f"{loaded.source} is not a model directory with safetensors weights (a by-layer verify reads them)"
+    elif any(a.is_dora or a.saved or a.base_layers for a in adapters):
+        problem = "DoRA adapters and adapters with modules_to_save or saved embedding layers are verified whole"
+    if by_layer is None:
+        return problem is None and needs_by_layer(graph_weight_bytes(load_onnx_header(onnx_path)))
+    if problem:
+        raise UserError(f"cannot verify by layer: {problem}; verify the whole model (without --by-layer)")
+    return True
 
 
 def _is_torch(side) -> bool:
@@ -232,6 +275,7 @@ def verify_backends(
     on_case=None,
     oracle: str = "auto",
     criteria: dict | None = None,
+    by_layer: bool | None = None,
 ) -> ParityReport:
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
@@ -242,6 +286,9 @@ def verify_backends(
     at the end: only one copy of the weights is in memory at a time (a lazily loaded model is loaded for its
     turn and released after it).
     `oracle`: whose LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
+    `by_layer`: run each side one piece of the model at a time (`verify.by_layer`), for a model whose weights do
+    not fit in memory; None: when they would not (a lazily loaded model directory only). `report.method` says
+    which way it ran.
 
     A quantized ONNX graph (int8/int4 base) is judged on agreement, not elementwise error: `criteria`
     (default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
@@ -252,7 +299,8 @@ def verify_backends(
     shapes = shapes or DEFAULT_SHAPES
     adapters = list(adapters)
     cand_adapters = adapters if candidate_adapters is None else list(candidate_adapters)
-    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers, oracle=oracle)
+    by_layer = choose_by_layer(by_layer, loaded, adapters + cand_adapters, onnx_path, (reference, candidate))
+    kw = dict(onnx_path=onnx_path, engine_path=engine_path, providers=providers, oracle=oracle, by_layer=by_layer)
     if criteria is None and onnx_path is not None and "ort" in (reference, candidate):
         from lora_export.passes.quantize import graph_scheme
 
@@ -269,7 +317,7 @@ def verify_backends(
     dtype = precision(s.dtype for s in graph_sides)
     effect = bool(adapters) and check_effect
     truth = ref_side if _is_torch(ref_side) else None
-    extra_truth = torch_side(loaded, adapters, oracle) if effect and truth is None else None
+    extra_truth = torch_side(loaded, adapters, oracle, by_layer) if effect and truth is None else None
     cases = [
         (f"seed={seed} batch={batch} seq={seq}", make_feeds(loaded, batch, seq, seed), batch)
         for seed in seeds
@@ -295,6 +343,7 @@ def verify_backends(
                 if on_case is not None:
                     on_case(done, total)
     report = ParityReport(reference=ref_side.label, candidate=cand_side.label)
+    report.method = describe(by_layer)
     worst_err, effects, covered = 0.0, [], set()
     for i, (label, _, _) in enumerate(cases):
         covered.update(rows[i] or ())
@@ -334,6 +383,7 @@ def verify_graph(
     providers: list[str] | None = None,
     check_effect: bool = True,
     oracle: str = "auto",
+    by_layer: bool | None = None,
 ) -> ParityReport:
     """ONNX Runtime on `onnx_path` against the PyTorch reference (the export path's check)."""
     return verify_backends(
@@ -349,6 +399,7 @@ def verify_graph(
         providers=providers,
         check_effect=check_effect,
         oracle=oracle,
+        by_layer=by_layer,
     )
 
 

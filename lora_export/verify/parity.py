@@ -73,6 +73,7 @@ class ParityReport:
     cases: list[CaseReport] = field(default_factory=list)
     checks: dict[str, dict] = field(default_factory=dict)  # named extra checks (adapter effect, ...)
     artifacts: list[str] = field(default_factory=list)  # files kept for reproduction (--save-inputs)
+    method: str = ""  # how the backends ran: the whole model, one at a time, or by layer (`verify.by_layer`)
 
     @property
     def passed(self) -> bool:
@@ -96,12 +97,20 @@ class ParityReport:
             "checks": self.checks,
             "summary": self.summary(),
             "artifacts": list(self.artifacts),
+            "method": self.method,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ParityReport:
         cases = [CaseReport(c["label"], [OutputStats(**o) for o in c["outputs"]]) for c in d.get("cases", [])]
-        return cls(d["reference"], d["candidate"], cases, dict(d.get("checks", {})), list(d.get("artifacts", [])))
+        return cls(
+            d["reference"],
+            d["candidate"],
+            cases,
+            dict(d.get("checks", {})),
+            list(d.get("artifacts", [])),
+            d.get("method", ""),
+        )
 
     def summary(self) -> dict[str, dict]:
         """Per output, over every case: worst max abs / max rel / mean abs, lowest cosine and top-1, pass count."""

@@ -107,6 +107,7 @@ class PeftSide:
     label: str = ""
     dtype: str = "fp32"
     names: list[str] = field(default_factory=list)
+    by_layer: bool = False  # the base model's weights read module by module at each forward (`by_layer.jit_module`)
 
     def __enter__(self) -> PeftSide:
         from peft import PeftModel
@@ -114,8 +115,13 @@ class PeftSide:
         self.label = self.label or (f"torch+peft {peft_version()}" if self.adapters else "torch")  # no LoRA: plain
         self._stack = contextlib.ExitStack()
         scratch = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="lora_export_peft_")))
-        fresh = self.loaded.materialized()  # a lazily loaded model: loaded now, owned here, released on exit
-        base = (fresh.module if fresh is not self.loaded else copy.deepcopy(self.loaded.module)).float().eval()
+        if self.by_layer:
+            from lora_export.verify.by_layer import jit_module
+
+            base = jit_module(self.loaded)
+        else:
+            fresh = self.loaded.materialized()  # a lazily loaded model: loaded now, owned here, released on exit
+            base = (fresh.module if fresh is not self.loaded else copy.deepcopy(self.loaded.module)).float().eval()
         self.names = [f"a{i}" for i in range(len(self.adapters))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
