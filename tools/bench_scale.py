@@ -7,13 +7,13 @@
 For each shape: write a transformers checkpoint with random weights (safetensors shards, written one tensor at a
 time), a random r=8 adapter with `make-adapter`, then run each CLI command in a fresh process and read its peak
 resident set size from the kernel (`wait4` rusage: file-backed pages a process maps count too) and its wall time:
-`merge-and-export` (with its verify, `--no-verify`, and its verify `--by-layer`), `export-branched` (inputs and bank layouts, with their
-verify) and `export-decoder` (merged, with its generation check, and `--no-verify`). The ratio is peak RSS /
-fp32 weight bytes; the Python + torch + onnxruntime start-up (measured too) is included. Time is reported as wall
-and CPU seconds (user + system of the child: steadier than wall on a shared machine) per billion parameters;
-a least-squares fit of peak and time against the parameter count (with its R², the linearity check)
-extrapolates to 7-8B models. A command is skipped (and says so) when
-the machine has not got the memory free that it would need. Temp directories are deleted at the end.
+`merge-and-export` (with its verify, `--no-verify`, and its verify `--by-layer`), `export-branched` (inputs
+and bank layouts, with their verify) and `export-decoder` (merged, with its generation check, and
+`--no-verify`). The ratio is peak RSS / fp32 weight bytes; the Python + torch + onnxruntime start-up (measured
+too) is included. Time is reported as wall and CPU seconds (user + system of the child: steadier than wall on a
+shared machine); a least-squares fit of peak and time against the parameter count (with its R², the linearity
+check) extrapolates to 7-8B models. A command is skipped (and says so) when the machine has not got the memory
+free that it would need. Temp directories are deleted at the end.
 """
 
 from __future__ import annotations
