@@ -30,6 +30,7 @@ from lora_export.errors import UserError
 from lora_export.export.names import rename_initializers
 from lora_export.export.stream import OnWrite, StreamPlan
 from lora_export.fileio import io_errors
+from lora_export.memory import release_freed_memory
 from lora_export.models.loading import LoadedModel, call_model
 
 FX_NODE_KEY = "pkg.torch.onnx.fx_node"
@@ -267,13 +268,15 @@ def save(model: ir.Model, path: str | os.PathLike, *, on_write: OnWrite | None =
     written: list[Path] = []
 
     def progress(tensor, info) -> None:
-        on_write(info.offset, size, tensor.name or "")
+        release_freed_memory()  # the previous tensor's buffers (read, merged, serialized) go back to the OS
+        if on_write is not None:
+            on_write(info.offset, size, tensor.name or "")
 
     try:
         with io_errors(path):
             data_name = f"{path.name}.data" if external else None
             try:
-                ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress if on_write else None)
+                ir.save(model, tmp_dir / path.name, external_data=data_name, callback=progress)
             except Exception as e:  # a weight read while saving refused (UserError): the serializer wraps it
                 cause = _user_error_in(e)
                 if cause is None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lora_export.errors import UserError
+from lora_export.memory import release_freed_memory
 from lora_export.models.loading import LoadedModel
 
 SEGMENT_BYTES = 512 << 20  # initializer bytes per ONNX piece (a piece with one larger tensor holds just it)
@@ -81,6 +82,7 @@ def jit_module(loaded: LoadedModel) -> nn.Module:
     def release(owner: nn.Module, args, out) -> None:  # back to the placeholders: the weights are freed
         for attr, (_, placeholder) in getattr(owner, JIT_ATTR).items():
             owner._parameters[attr] = placeholder
+        release_freed_memory()
 
     # hooks find their parameters through the module (JIT_ATTR), so a copy of the tree (a runner's own module
     # tree over the same tensors) keeps working
@@ -150,6 +152,7 @@ class SegmentedGraph:
             session = _piece_session(self, piece, ins, outs)
             got = session.run(outs, {n: values[n] for n in ins if n in values}, run_options)
             del session  # its weights go with it
+            release_freed_memory()
             values.update(zip(outs, got))
             later = _needed_after(piece, self.pieces, self.outputs)
             values = {k: v for k, v in values.items() if k in later or k in self.inputs}

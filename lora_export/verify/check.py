@@ -25,6 +25,7 @@ from lora_export.backends.onnxrt import cast_feeds
 from lora_export.backends.torch_runner import TorchRunner
 from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER, SlotTable, precision
 from lora_export.errors import MissingDependencyError, UserError
+from lora_export.memory import release_freed_memory
 from lora_export.models.loading import LoadedModel
 from lora_export.onnxio import InitializerReader, load_onnx_header, slots_of_proto
 from lora_export.verify.by_layer import (
@@ -331,6 +332,7 @@ def verify_backends(
     bases: list = []
     total, done = len(sides) * len(cases), 0
     for side in sides:  # one backend at a time: never two copies of the weights in memory
+        release_freed_memory()  # what the previous side freed goes back to the OS before this one loads
         with side:
             results[id(side)] = []
             for (_, feeds, _), row in zip(cases, rows):
