@@ -161,3 +161,19 @@ def test_lazy_load_reads_generation_config_as_from_pretrained(checkpoints, tmp_p
     assert config["model"]["eos_token_id"] in ([5, 7], 5)
     assert config["model"]["pad_token_id"] == 3
     assert config["search"]["temperature"] == 0.6 and config["search"]["top_p"] == 0.9
+
+
+def test_fp16_streamed_decoder_matches_peft_within_fp16_tolerance(checkpoints, sample_cache, tmp_path):
+    """A half-precision folder streamed from the checkpoint: the merge is computed in float32 and stored as fp16
+    (half the bytes); its logits stay within fp16 tolerance of the float32 PyTorch reference."""
+    adapter = make_random_adapter(sample_cache("llama"), r=4, seed=12)
+    lazy = load_model(str(checkpoints["llama"]), lazy=True)
+    lazy.rebuild = _refuse_to_load
+    folder = decoder_mod.export_decoder(lazy, tmp_path / "f16", adapters=[adapter], dtype="fp16").path
+    graph = onnx.load(str(folder / "model.onnx"))
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert {t.data_type for t in graph.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    report = generation.verify_generation(load_model(str(checkpoints["llama"])), folder, [adapter], new_tokens=4)
+    for case in report.cases:
+        assert case.max_logits_err < 5e-2, case
+        assert case.effect is not None and case.effect > 10 * case.max_logits_err  # the merged adapter is there
