@@ -8,9 +8,14 @@ model, merge or wire the LoRA branch, trace the real weights, save); for tokens,
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections import namedtuple
+
 import onnx
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run
 from conftest import make_random_adapter
 
 from lora_export import api, onnxio
@@ -144,9 +149,6 @@ def test_generation_reference_shares_the_callers_weights(sample_cache):
 
 def test_lazy_load_reads_generation_config_as_from_pretrained(checkpoints, tmp_path):
     """eos / pad / sampling defaults of generation_config.json reach a streamed decoder folder's genai_config."""
-    import json
-    import shutil
-
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoints["llama"], ckpt)
     gen = (
@@ -177,3 +179,13 @@ def test_fp16_streamed_decoder_matches_peft_within_fp16_tolerance(checkpoints, s
     for case in report.cases:
         assert case.max_logits_err < 5e-2, case
         assert case.effect is not None and case.effect > 10 * case.max_logits_err  # the merged adapter is there
+
+
+@pytest.mark.parametrize("layout", [MERGED, BANK])
+def test_decoder_disk_space_refusal_before_any_work(tmp_path, monkeypatch, layout):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(trace_mod, "_export", lambda *a, **k: pytest.fail("traced before the disk check"))
+    result = run("export-decoder", "sample:llama", "-o", tmp_path / "f", "--layout", layout, "--no-verify", ok=False)
+    assert_one_line_error(result, r"not enough disk space for .*model\.onnx.*free")
+    assert list(tmp_path.iterdir()) == []
