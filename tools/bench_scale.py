@@ -6,7 +6,8 @@
 
 For each shape: write a transformers checkpoint with random weights (safetensors shards, written one tensor at a
 time), a random r=8 adapter with `make-adapter`, then run each CLI command in a fresh process and read its peak
-resident set size from the kernel (`wait4` rusage: file-backed pages a process maps count too) and its wall time:
+resident set size from the kernel (`wait4` rusage: file-backed pages a process maps count too; this process stays
+small, since Linux starts a child's high-water mark from its parent's) and its wall time:
 `merge-and-export` (with its verify, `--no-verify`, and its verify `--by-layer`), `export-branched` (inputs
 and bank layouts, with their verify) and `export-decoder` (merged, with its generation check, and
 `--no-verify`). The ratio is peak RSS / fp32 weight bytes; the Python + torch + onnxruntime start-up (measured
@@ -174,10 +175,15 @@ def run_measured(args: list[str], env: dict[str, str], timeout: float, cwd: Path
 
 
 def machine() -> dict:
+    """Memory available, load, and this process's own resident set (kept small: see `main`)."""
     import psutil
 
     vm = psutil.virtual_memory()
-    return {"available_gb": round(vm.available / 1e9, 1), "load_1min": round(os.getloadavg()[0], 1)}
+    return {
+        "available_gb": round(vm.available / 1e9, 1),
+        "load_1min": round(os.getloadavg()[0], 1),
+        "parent_rss_gb": round(psutil.Process().memory_info().rss / 1e9, 2),
+    }
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float, float] | None:
@@ -207,8 +213,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--write-checkpoint", nargs=2, metavar=("SHAPE", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.write_checkpoint:
+        print(json.dumps(write_checkpoint(args.write_checkpoint[0], Path(args.write_checkpoint[1]))))
+        return 0
 
     python = sys.executable
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_scale_"))
@@ -223,7 +233,18 @@ def main() -> int:
         for shape in args.shapes.split(","):
             ckpt, adapter = work / shape, work / f"{shape}.adapter"
             t0 = time.perf_counter()
-            params, nbytes = write_checkpoint(shape, ckpt)
+            # in a child: this process stays small, because a child's kernel peak RSS starts from its parent's
+            # (Linux carries the RSS high-water mark of the forking process across exec)
+            made_ckpt = subprocess.run(
+                [python, __file__, "--write-checkpoint", shape, str(ckpt)],
+                env=env,
+                cwd=work,
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
+            assert made_ckpt.returncode == 0, made_ckpt.stderr[-2000:]
+            params, nbytes = json.loads(made_ckpt.stdout.strip().splitlines()[-1])
             print(
                 f"{shape}: {params / 1e6:.0f}M parameters, {nbytes / 1e9:.2f} GB fp32 "
                 f"(checkpoint written in {time.perf_counter() - t0:.0f}s)",
