@@ -16,6 +16,7 @@ which way it ran. `needs_by_layer` decides when to (the weights would not fit in
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,24 @@ def graph_weight_bytes(header) -> int:
 
 
 def needs_by_layer(weight_bytes: int, available: int | None = None) -> bool:
-    """True when a whole-model verify would not fit in the memory available now."""
-    if available is None:
-        import psutil
+    """True when a whole-model verify would not fit in the memory available now (unknown: it is assumed to)."""
+    available = available if available is not None else available_memory()
+    return available is not None and weight_bytes * HEADROOM + INTERPRETER_BYTES > available
 
-        available = psutil.virtual_memory().available
-    return weight_bytes * HEADROOM + INTERPRETER_BYTES > available
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux `MemAvailable`, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_streamable(loaded: LoadedModel) -> None:
