@@ -27,6 +27,21 @@ def sample_cache():
     return get
 
 
+@pytest.fixture(scope="session")
+def checkpoints(sample_cache, tmp_path_factory):
+    """`checkpoints["gpt2"]` -> the tiny sample saved as a transformers directory (safetensors; GPT-2's tied
+    lm_head not stored), written on first use and shared by the session: tests must not change it."""
+    root = tmp_path_factory.mktemp("ckpt")
+
+    class Dirs(dict):
+        def __missing__(self, arch: str):
+            sample_cache(arch).module.save_pretrained(root / arch, safe_serialization=True)
+            self[arch] = root / arch
+            return self[arch]
+
+    return Dirs()
+
+
 @pytest.fixture
 def sample(sample_cache):
     """`sample("gpt2")` -> a LoadedModel whose module is a private copy (tests may mutate it)."""

@@ -72,16 +72,6 @@ def _no_copy(self, **kw):
     raise AssertionError("a deep copy of the model was made")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(sample_cache, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dckpt")
-    dirs = {}
-    for arch in ("gpt2", "llama"):
-        dirs[arch] = root / arch
-        sample_cache(arch).module.save_pretrained(dirs[arch], safe_serialization=True)
-    return dirs
-
-
 @pytest.mark.parametrize(("arch", "layout"), [("gpt2", MERGED), ("llama", MERGED), ("llama", BANK)])
 def test_streamed_decoder_is_byte_identical_and_reads_each_tensor_once(
     checkpoints, sample_cache, tmp_path, monkeypatch, arch, layout

@@ -54,17 +54,6 @@ def legacy_export(loaded, adapter, out, kind):
 
 
 @pytest.fixture(scope="module")
-def checkpoints(sample_cache, tmp_path_factory):
-    """Each tiny sample saved as a transformers directory (safetensors; GPT-2's tied lm_head not stored)."""
-    root = tmp_path_factory.mktemp("ckpt")
-    dirs = {}
-    for arch in ARCHS:
-        dirs[arch] = root / arch
-        sample_cache(arch).module.save_pretrained(dirs[arch], safe_serialization=True)
-    return dirs
-
-
-@pytest.fixture(scope="module")
 def pairs(checkpoints, tmp_path_factory, sample_cache):
     """(arch, kind) -> the legacy graph and the streamed one (exported from the lazily loaded checkpoint)."""
     root = tmp_path_factory.mktemp("pairs")

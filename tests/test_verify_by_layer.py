@@ -24,16 +24,6 @@ from lora_export.verify.check import verify_graph
 ARCHS = ["gpt2", "llama", "bert"]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(sample_cache, tmp_path_factory):
-    root = tmp_path_factory.mktemp("blckpt")
-    dirs = {}
-    for arch in ARCHS:
-        dirs[arch] = root / arch
-        sample_cache(arch).module.save_pretrained(dirs[arch], safe_serialization=True)
-    return dirs
-
-
 def _refuse_to_load():
     raise AssertionError("the model was loaded whole")
 

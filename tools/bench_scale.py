@@ -50,51 +50,18 @@ SHAPES = {
         ),
     ),
 }
+MODE_NAMES = (
+    "merge-and-export",
+    "merge-and-export --no-verify",
+    "merge-and-export --by-layer",
+    "export-branched",
+    "export-branched --layout bank",
+    "export-decoder",
+    "export-decoder --no-verify",
+)
+# each mode: the command, the model, the adapter, the output, then the mode's own flags
 MODES = {
-    "merge-and-export": ["merge-and-export", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
-    "merge-and-export --no-verify": [
-        "merge-and-export",
-        "{model}",
-        "--adapter",
-        "{adapter}",
-        "-o",
-        "{out}",
-        "--force",
-        "--no-verify",
-    ],
-    "merge-and-export --by-layer": [
-        "merge-and-export",
-        "{model}",
-        "--adapter",
-        "{adapter}",
-        "-o",
-        "{out}",
-        "--force",
-        "--by-layer",
-    ],
-    "export-branched": ["export-branched", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
-    "export-branched --layout bank": [
-        "export-branched",
-        "{model}",
-        "--adapter",
-        "{adapter}",
-        "--layout",
-        "bank",
-        "-o",
-        "{out}",
-        "--force",
-    ],
-    "export-decoder": ["export-decoder", "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force"],
-    "export-decoder --no-verify": [
-        "export-decoder",
-        "{model}",
-        "--adapter",
-        "{adapter}",
-        "-o",
-        "{out}",
-        "--force",
-        "--no-verify",
-    ],
+    m: [m.split()[0], "{model}", "--adapter", "{adapter}", "-o", "{out}", "--force", *m.split()[1:]] for m in MODE_NAMES
 }
 SHARD_BYTES = 512 << 20
 
