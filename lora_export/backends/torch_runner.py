@@ -8,8 +8,6 @@ model is loaded on entry and released on exit.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -17,7 +15,6 @@ from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import check_fits, lora_layers, wrap_modules
 from lora_export.backends import Feeds
 from lora_export.models.loading import LoadedModel, call_model
-from lora_export.models.skeleton import shared_module
 
 
 class TorchRunner:
@@ -38,7 +35,7 @@ class TorchRunner:
         self.model: LoadedModel | None = None
 
     def __enter__(self) -> TorchRunner:
-        self.model = self._own_model()
+        self.model = self.loaded.owned(device=self.device, dtype=self.dtype)  # the caller's model stays as it is
         self.model.module.eval()
         for a in self.adapters:
             check_fits(self.model.module, a)
@@ -48,16 +45,6 @@ class TorchRunner:
 
     def __exit__(self, *exc) -> None:
         self.model = None
-
-    def _own_model(self) -> LoadedModel:
-        """A model this runner may wrap: the caller's weights under a new module tree when they already have the
-        runner's device and dtype, else a converted copy."""
-        model = self.loaded.materialized()
-        if all(p.device == torch.device(self.device) and p.dtype == self.dtype for p in _floating(model.module)):
-            own = copy.copy(model)
-            own.module = shared_module(model.module)
-            return own
-        return model.copy(device=self.device, dtype=self.dtype)
 
     def use(self, adapter: Adapter | None) -> None:
         """Make `adapter` (one given to the runner) resident; None runs the base model."""
@@ -90,7 +77,3 @@ class TorchRunner:
         """Wait for queued CUDA kernels (the timed region must end with the work done)."""
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize(self.device)
-
-
-def _floating(module: torch.nn.Module) -> list[torch.Tensor]:
-    return [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]

@@ -17,7 +17,7 @@ from lora_export.errors import UserError
 from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
 from lora_export.models.introspect import VISION, describe
-from lora_export.models.skeleton import params_on_meta
+from lora_export.models.skeleton import params_on_meta, shared_module
 from lora_export.models.zoo import SAMPLES, build_sample
 
 
@@ -58,6 +58,18 @@ class LoadedModel:
         if device is not None or dtype is not None:
             work.module = work.module.to(device=device, dtype=dtype)
         return work
+
+    def owned(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+        """This model (materialized) for a caller that wraps its modules (LoRA layers, a reference): the same
+        weight tensors under a new module tree when they already have `device` and `dtype`, else a converted
+        copy; the caller's model is never changed."""
+        model = self.materialized()
+        floating = [t for t in [*model.module.parameters(), *model.module.buffers()] if t.is_floating_point()]
+        if all(t.device == torch.device(device) and t.dtype == dtype for t in floating):
+            own = copy.copy(model)
+            own.module = shared_module(model.module)
+            return own
+        return model.copy(device=device, dtype=dtype)
 
     def forward(self, feeds: inputs_mod.Inputs) -> dict[str, torch.Tensor]:
         """Run the model on named inputs; outputs by name, in `output_names` order."""

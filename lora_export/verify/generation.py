@@ -34,7 +34,6 @@ from lora_export.adapters.peft_io import read_adapter
 from lora_export.contract import BANK, INPUTS, MERGED
 from lora_export.errors import UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.models.skeleton import shared_module
 
 DEFAULT_SHAPES = [(1, 8), (3, 11)]  # (rows, longest prompt); rows get different lengths (left padding)
 # quantized folders: minimum share of greedy positions equal to the float reference's
@@ -90,14 +89,7 @@ class Reference:
     over its own tensors (LoRA layers wrap that tree, the caller's model is untouched, no weight is copied)."""
 
     def __init__(self, loaded: LoadedModel):
-        fresh = loaded.materialized()
-        if fresh is not loaded:
-            module = fresh.module
-        elif all(p.dtype == torch.float32 for p in loaded.module.parameters()):
-            module = shared_module(loaded.module)
-        else:  # casting would change the caller's parameters in place
-            module = copy.deepcopy(loaded.module)
-        self.model = module.float().eval()
+        self.model = loaded.owned().module.eval()
 
     def use(self, adapter: Adapter | None) -> None:
         if adapter is not None:
