@@ -38,7 +38,7 @@ def tiny_pieces(monkeypatch):
     monkeypatch.setattr(by_layer, "SEGMENT_BYTES", 64 << 10)
     opened = []
     real = by_layer._piece_session
-    monkeypatch.setattr(by_layer, "_piece_session", lambda g, p, i, o: opened.append(p["index"]) or real(g, p, i, o))
+    monkeypatch.setattr(by_layer, "_piece_session", lambda g, p: opened.append(p["index"]) or real(g, p))
     return opened
 
 

@@ -143,16 +143,14 @@ class SegmentedGraph:
             for a in n.attribute
         ):
             raise UserError(f"{self.path} has control-flow subgraphs: verify it whole (without --by-layer)")
-        self.header = header
         self.inputs = [i.name for i in header.graph.input]
         self.outputs = [o.name for o in header.graph.output]
         self.half = {i.name for i in header.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
-        self.pieces = _cut(header, self.budget)
-        self.types = _value_types(header)
+        self.pieces = _plan(self.path, header, _cut(header, self.budget))
         return self
 
     def __exit__(self, *exc) -> None:
-        self.header = self.pieces = self.types = None
+        self.pieces = None
 
     def infer(self, feeds: dict[str, np.ndarray], run_options=None) -> dict[str, np.ndarray]:
         values = {
@@ -161,14 +159,12 @@ class SegmentedGraph:
             if k in self.inputs
         }
         for piece in self.pieces:
-            ins, outs = _boundary(piece, self.pieces, self.header, values)
-            session = _piece_session(self, piece, ins, outs)
-            got = session.run(outs, {n: values[n] for n in ins if n in values}, run_options)
+            session = _piece_session(self, piece)
+            got = session.run(piece["outs"], {n: values[n] for n in piece["ins"] if n in values}, run_options)
             del session  # its weights go with it
             release_freed_memory()
-            values.update(zip(outs, got))
-            later = _needed_after(piece, self.pieces, self.outputs)
-            values = {k: v for k, v in values.items() if k in later or k in self.inputs}
+            values.update(zip(piece["outs"], got))
+            values = {k: v for k, v in values.items() if k in piece["later"] or k in self.inputs}
         return {n: values[n] for n in self.outputs}
 
 
@@ -203,18 +199,27 @@ def _cut(header, budget: int) -> list[dict]:
     return pieces
 
 
-def _needed_after(piece: dict, pieces: list[dict], outputs: list[str]) -> set[str]:
-    return set(outputs).union(*(p["used"] for p in pieces[piece["index"] + 1 :]))
-
-
-def _boundary(piece, pieces, header, values) -> tuple[list[str], list[str]]:
+def _plan(path: Path, header, pieces: list[dict]) -> list[dict]:
+    """Each piece's inputs (`ins`: graph inputs and values earlier pieces make), outputs (`outs`: what later
+    pieces or the graph's outputs need), the values to keep after it (`later`), and its serialized model."""
     graph_inputs = {i.name for i in header.graph.input}
-    ins = sorted(n for n in piece["used"] - piece["produced"] if n not in piece["inits"] or n in graph_inputs)
-    outs = sorted(piece["produced"] & _needed_after(piece, pieces, [o.name for o in header.graph.output]))
-    missing = [n for n in ins if n not in values and n not in graph_inputs]
-    if missing:
-        raise UserError(f"a piece of the graph needs {missing[0]}, which no earlier piece makes: verify it whole")
-    return ins, outs
+    types = _value_types(header)
+    later = {o.name for o in header.graph.output}
+    for piece in reversed(pieces):  # what is needed after each piece: the graph's outputs and later pieces' inputs
+        piece["later"] = set(later)
+        later |= piece["used"]
+    made: set[str] = set()
+    for piece in pieces:
+        piece["ins"] = sorted(
+            n for n in piece["used"] - piece["produced"] if n not in piece["inits"] or n in graph_inputs
+        )
+        missing = [n for n in piece["ins"] if n not in made and n not in graph_inputs]
+        if missing:
+            raise UserError(f"a piece of the graph needs {missing[0]}, which no earlier piece makes: verify it whole")
+        piece["outs"] = sorted(piece["produced"] & piece["later"])
+        piece["model"] = _piece_model(path, header, types, piece)
+        made |= piece["produced"]
+    return pieces
 
 
 def _value_types(header) -> dict:
@@ -228,31 +233,38 @@ def _value_types(header) -> dict:
     return known
 
 
-def _piece_session(graph: SegmentedGraph, piece: dict, ins: list[str], outs: list[str]):
+def _piece_model(path: Path, header, types: dict, piece: dict) -> bytes:
+    """A piece as its own model, serialized; its initializers keep their references into the graph's data file."""
     import onnx
+
+    def info(name: str):
+        if name not in types:
+            raise UserError(f"{path}: no type recorded for {name}; verify it whole (without --by-layer)")
+        return types[name]
+
+    inits = [t for t in header.graph.initializer if t.name in piece["inits"]]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            piece["nodes"], f"piece{piece['index']}", [info(n) for n in piece["ins"]],
+            [info(n) for n in piece["outs"]], inits,
+        ),
+        opset_imports=header.opset_import,
+        ir_version=header.ir_version,
+    )  # fmt: skip
+    model.functions.extend(header.functions)
+    return model.SerializeToString()
+
+
+def _piece_session(graph: SegmentedGraph, piece: dict):
     import onnxruntime as ort
 
     from lora_export.backends.onnxrt import session_options
 
-    def info(name: str):
-        if name not in graph.types:
-            raise UserError(f"{graph.path}: no type recorded for {name}; verify it whole (without --by-layer)")
-        return graph.types[name]
-
-    inits = [t for t in graph.header.graph.initializer if t.name in piece["inits"]]
-    model = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            piece["nodes"], f"piece{piece['index']}", [info(n) for n in ins], [info(n) for n in outs], inits
-        ),
-        opset_imports=graph.header.opset_import,
-        ir_version=graph.header.ir_version,
-    )
-    model.functions.extend(graph.header.functions)
     opts = session_options()
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.path.parent))
     try:
         return ort.InferenceSession(
-            model.SerializeToString(), sess_options=opts, providers=graph.providers or ["CPUExecutionProvider"]
+            piece["model"], sess_options=opts, providers=graph.providers or ["CPUExecutionProvider"]
         )
     except Exception as e:  # ORT's own exception types
         raise UserError(
