@@ -19,6 +19,8 @@ from serve_helpers import ServerProcess, free_port
 from serve_oracle import DecoderFixture
 
 KEY = "test-key"
+STEP_MS = 20  # every decode step takes at least this long (serve --debug-step-delay-ms): on any machine, a long
+# generation outlasts a client that gives up early, so the disconnect test cannot race the machine's speed
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
@@ -31,7 +33,7 @@ def decoder(serve_decoder) -> DecoderFixture:
 def server(decoder, tmp_path_factory):
     port = free_port()
     args = [str(decoder.folder), "--port", str(port), "--api-key", KEY, "--max-batch-size", "16"]
-    args += ["--batch-wait-ms", "30", "--threads", "1"]
+    args += ["--batch-wait-ms", "30", "--threads", "1", "--debug-step-delay-ms", str(STEP_MS)]
     # ad0..ad3 are in the folder (served as they are); ad0 is also given as its PEFT dir (that one wins);
     # ad4 is loaded at run time
     args += ["--adapter", f"ad0={decoder.adapters['ad0']}"]
@@ -173,6 +175,7 @@ def test_load_use_unload_while_in_flight(client, server, decoder):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model=name, prompt=prompt, max_tokens=4, temperature=0)
     n = decoder.context_length - 16
+    assert n * STEP_MS / 1000 > 10 * 0.2  # the generation takes 10x longer than the client waits, however fast
 
     def long_request(i, started):
         stream = client.completions.create(
@@ -293,6 +296,7 @@ def test_client_sample_runs_against_the_server(server, decoder, capsys):
 def test_a_client_that_goes_away_frees_its_row(client, server, decoder):
     before = stats(server)["total"]
     n = decoder.context_length - 16
+    assert n * STEP_MS / 1000 > 10 * 0.2  # the generation takes 10x longer than the client waits, however fast
     body = dict(
         model=decoder.adapter_names[1], prompt=decoder.prompts[2][:8], max_tokens=n, extra_body={"ignore_eos": True}
     )

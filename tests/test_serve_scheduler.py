@@ -99,7 +99,8 @@ def test_batch_forms_across_adapters_and_rows_match_alone():
 
 def test_wait_window_gathers_late_arrivals_into_one_batch():
     model = FakeModel()
-    sched = Scheduler(model, max_batch_size=4, batch_wait_ms=300)
+    # a window far longer than any machine needs to start a thread; a full batch (2 rows) closes it early
+    sched = Scheduler(model, max_batch_size=2, batch_wait_ms=60_000)
     first = sched.submit(Request([1], "a", greedy(2)))
 
     def later():
@@ -107,9 +108,11 @@ def test_wait_window_gathers_late_arrivals_into_one_batch():
         sched.submit(Request([2], "b", greedy(2)))
 
     t = threading.Thread(target=later)
+    t0 = sched.clock()
     t.start()
     sched.step(timeout=1)
     t.join()
+    assert sched.clock() - t0 < 30
     assert model.calls[0] == ("prefill", ["a", "b"])
     drain(sched)
     assert first.collect(timeout=1)[0] == alone("a", [1], 2)

@@ -52,6 +52,14 @@ from lora_export.cli.app import cli
 @click.option(
     "--cpus-per-replica", type=click.FloatRange(0), default=1.0, show_default=True, help="Ray CPUs a replica reserves."
 )
+@click.option(
+    "--debug-step-delay-ms",
+    "step_delay_ms",
+    type=click.FloatRange(0),
+    default=0.0,
+    hidden=True,
+    help="Drills: every decode step takes at least this long (disconnect and fault tests on a fast machine).",
+)
 def serve(
     folder,
     adapters,
@@ -67,6 +75,7 @@ def serve(
     no_folder_adapters,
     threads,
     cpus_per_replica,
+    step_delay_ms,
 ):
     """Serve a decoder folder (export-decoder) with an OpenAI-compatible API on Ray Serve; the request's
     `model` names the adapter, and rows for different adapters share one forward (bank folders). Ctrl-C
@@ -88,6 +97,7 @@ def serve(
         threads=threads,
         cpus_per_replica=cpus_per_replica,
         folder_adapters=not no_folder_adapters,
+        step_delay_ms=step_delay_ms,
     )
 
     def ready(url: str, models: list[str]) -> None:

@@ -32,7 +32,9 @@ class EngineDeployment:
         from lora_export.serving.engine import ServeEngine
         from lora_export.serving.model import open_served_model
 
-        model, tokenizer = open_served_model(config.folder, threads=config.threads)
+        model, tokenizer = open_served_model(
+            config.folder, threads=config.threads, step_delay_ms=config.step_delay_ms
+        )
         try:
             replica = serve.get_replica_context().replica_tag
         except Exception:  # pragma: no cover - outside a replica

@@ -27,6 +27,7 @@ class ServeConfig:
     cpus_per_replica: float = 1.0  # Ray resources a replica asks for
     folder_adapters: bool = True  # also serve the folder's adapters/NAME.onnx_adapter as NAME
     app_name: str = "lora-export"
+    step_delay_ms: float = 0.0  # drills only: every decode step takes at least this long (see serving.model)
 
     def __post_init__(self) -> None:
         self.folder = str(Path(self.folder).resolve())
@@ -42,6 +43,8 @@ class ServeConfig:
         for name, value in (("replicas", self.replicas), ("max-batch-size", self.max_batch_size)):
             if value < 1:
                 raise UserError(f"--{name} must be at least 1, got {value}")
+        if self.step_delay_ms < 0:
+            raise UserError(f"--debug-step-delay-ms must be 0 or more, got {self.step_delay_ms}")
         if self.batch_wait_ms < 0:
             raise UserError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
         if not 0 < self.port < 65536:

@@ -7,10 +7,14 @@
 
 Adapters are loaded by the engine under `name@version` keys from their paths (PEFT dirs or `.onnx_adapter`
 files); the folder's own `adapters/NAME.onnx_adapter` files are served under NAME by default (see `folder_adapters`).
+
+`step_delay_ms` paces every decode step (a drill knob, `serve --debug-step-delay-ms`): a generation of n tokens
+then takes at least n times that long on any machine, so disconnect and fault tests do not depend on its speed.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,9 @@ from lora_export.decoder_folder import read_folder
 
 
 class GeneratorModel:
-    def __init__(self, generator):
+    def __init__(self, generator, *, step_delay_ms: float = 0.0):
         self.generator = generator
+        self.step_delay = max(0.0, step_delay_ms) / 1000.0
         facts = generator.facts
         self.layout = generator.layout
         self.context_length = int(facts.context_length)
@@ -38,6 +43,8 @@ class GeneratorModel:
 
     def step(self, state: Any, tokens: Sequence[int]) -> tuple[Any, np.ndarray]:
         self.generator.step(state, np.asarray(tokens, dtype=np.int64))
+        if self.step_delay:
+            time.sleep(self.step_delay)
         return state, state.logits
 
     def keep(self, state: Any, rows: Sequence[int]) -> Any:
@@ -51,7 +58,9 @@ class GeneratorModel:
         self.generator.unload(name)
 
 
-def open_served_model(folder: str | Path, *, threads: int | None = None) -> tuple[GeneratorModel, Any]:
+def open_served_model(
+    folder: str | Path, *, threads: int | None = None, step_delay_ms: float = 0.0
+) -> tuple[GeneratorModel, Any]:
     """The folder's decoder (adapters loaded on demand by the engine) and its tokenizer (None without one).
     ONNX Runtime's intra-op threads do not spin between runs: a replica shares its cores with the Serve proxy,
     the ingress and its own event loop, which a spinning pool would starve."""
@@ -59,7 +68,7 @@ def open_served_model(folder: str | Path, *, threads: int | None = None) -> tupl
 
     generator = Generator(folder, threads=threads, spinning=False, load_folder_adapters=False)
     tokenizer = generator.tokenizer if generator.folder.has_tokenizer else None
-    return GeneratorModel(generator), tokenizer
+    return GeneratorModel(generator, step_delay_ms=step_delay_ms), tokenizer
 
 
 def folder_adapters(folder: str | Path) -> dict[str, str]:
