@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from lora_export.verify.task_check import TaskReport
 
 ModelLike = str | LoadedModel
-AdapterLike = str | Path | Adapter
+AdapterSource = str | Path | Adapter
 Progress = Callable[[str], AbstractContextManager[Any]]
 
 
@@ -51,7 +51,7 @@ def as_model(model: ModelLike, *, lazy: bool = False) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model, lazy=lazy)
 
 
-def as_adapter(adapter: AdapterLike, *, allow_nonfinite: bool = False) -> Adapter:
+def as_adapter(adapter: AdapterSource, *, allow_nonfinite: bool = False) -> Adapter:
     return adapter if isinstance(adapter, Adapter) else read_adapter(adapter, allow_nonfinite=allow_nonfinite)
 
 
@@ -82,7 +82,7 @@ def verifying_adapters(layout: str, adapters: list[Adapter]) -> list[Adapter]:
     return list(adapters) if layout == BANK else list(adapters[:1])
 
 
-def one_adapter(adapter: AdapterLike | list[AdapterLike] | tuple | None) -> AdapterLike | None:
+def one_adapter(adapter: AdapterSource | list[AdapterSource] | tuple | None) -> AdapterSource | None:
     """The one adapter of a merged export: None, an adapter, or a list holding at most one."""
     if not isinstance(adapter, (list, tuple)):
         return adapter
@@ -103,7 +103,7 @@ class ExportOutcome:
 
 def merge_and_export(
     model: ModelLike,
-    adapter: AdapterLike | None,
+    adapter: AdapterSource | None,
     out: str | Path,
     *,
     verify: bool = True,
@@ -141,7 +141,7 @@ def export_branched(
     model: ModelLike,
     out: str | Path,
     *,
-    adapters: list[AdapterLike] = (),
+    adapters: list[AdapterSource] = (),
     verify: bool = True,
     verify_by_layer: bool | None = None,
     progress: Progress | None = None,
@@ -176,7 +176,7 @@ def verify(
     model: ModelLike,
     onnx_path: str | Path | None = None,
     *,
-    adapters: list[AdapterLike] = (),
+    adapters: list[AdapterSource] = (),
     allow_nonfinite: bool = False,
     **kwargs,
 ) -> ParityReport:
@@ -266,7 +266,7 @@ def make_adapter(
 
 
 def pack_adapter(
-    adapter: AdapterLike,
+    adapter: AdapterSource,
     out: str | Path,
     *,
     dtype: str | None = None,
@@ -282,7 +282,7 @@ def pack_adapter(
 
 def bench(
     model: ModelLike,
-    adapters: list[AdapterLike] = (),
+    adapters: list[AdapterSource] = (),
     *,
     config=None,
     bank_size: int = 4,
@@ -320,7 +320,7 @@ def bench(
 
 def refit(
     plan: str | Path,
-    adapter: AdapterLike | None,
+    adapter: AdapterSource | None,
     *,
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
@@ -354,7 +354,7 @@ def export_decoder(
     model: ModelLike,
     out: str | Path,
     *,
-    adapters: list[AdapterLike] = (),
+    adapters: list[AdapterSource] = (),
     layout: str = "merged",
     verify: bool = True,
     progress: Progress | None = None,
@@ -378,7 +378,7 @@ def export_decoder(
 
 
 def verify_generation(
-    model: ModelLike, folder: str | Path, *, adapters: list[AdapterLike] = (), allow_nonfinite: bool = False, **kwargs
+    model: ModelLike, folder: str | Path, *, adapters: list[AdapterSource] = (), allow_nonfinite: bool = False, **kwargs
 ) -> GenerationReport:
     """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model; `kwargs` go to
     `verify.generation.verify_generation` (new_tokens, shapes, seeds, atol)."""
