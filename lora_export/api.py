@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.peft_io import read_adapter, write_peft_adapter
+from lora_export.adapters.peft_io import write_peft_adapter
 from lora_export.adapters.spec import LoraSpec, default_targets
 from lora_export.adapters.synthetic import random_adapter
+from lora_export.artifacts.fileio import check_output_path
 from lora_export.contract import BANK, INPUTS
 from lora_export.errors import UserError
 from lora_export.export.merged import ExportResult
-from lora_export.fileio import check_output_path
 from lora_export.models.loading import LoadedModel, load_model
+from lora_export.models.sources import open_adapter
 from lora_export.verify.parity import ParityReport
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def as_model(model: ModelLike, *, lazy: bool = False) -> LoadedModel:
 
 
 def as_adapter(adapter: AdapterSource, *, allow_nonfinite: bool = False) -> Adapter:
-    return adapter if isinstance(adapter, Adapter) else read_adapter(adapter, allow_nonfinite=allow_nonfinite)
+    return open_adapter(adapter, allow_nonfinite=allow_nonfinite)
 
 
 def _step(progress: Progress | None, label: str) -> AbstractContextManager[Any]:

@@ -56,10 +56,10 @@ def own_folder(out: Path) -> None:
 def run_demo(
     out_dir: str | Path, *, items: int = 40, record: int = 0, step: Callable[[str], AbstractContextManager[Any]]
 ) -> DemoResult:
-    from lora_export.adapters.peft_io import read_adapter
     from lora_export.export.decoder import export_decoder
     from lora_export.models import e2e
     from lora_export.models.loading import load_model
+    from lora_export.models.sources import open_adapter
     from lora_export.verify import task_run
 
     out = Path(out_dir)
@@ -67,7 +67,7 @@ def run_demo(
     folder = out / "e2e_bank"
     specs = e2e.adapter_specs()
     with step("exporting sample:e2e with both adapters (bank decoder folder)"):
-        adapters = [read_adapter(spec) for spec in specs]
+        adapters = [open_adapter(spec) for spec in specs]
         export_decoder(load_model(e2e.SPEC), folder, adapters=adapters, layout="bank")
     tok = task_run.load_tokenizer(e2e.model_dir())
     records = e2e.records("test")

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.onnxio import load_onnx_header, proto_dims, read_manifest, slots_of_proto
 from lora_export.contract import BANK
-from lora_export.onnxio import load_onnx_header, proto_dims, read_manifest, slots_of_proto
 
 
 def inspect_adapter(adapter: Adapter, base_parameters: int | None = None) -> dict[str, Any]:

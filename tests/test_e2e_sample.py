@@ -63,13 +63,14 @@ def test_adapters_load_in_peft_with_trained_b(base):
 
     from peft import PeftModel
 
-    from lora_export.adapters.peft_io import read_adapter
+    from lora_export.models.sources import open_adapter
 
     for name in e2e.ADAPTERS:
         peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(e2e.adapter_dir(name)))
         bs = {k: v for k, v in peft_model.state_dict().items() if "lora_B" in k}
         assert bs and all(float(v.abs().max()) > 1e-2 for v in bs.values()), f"{name}: lora_B not trained"
-        ours = read_adapter(f"sample:e2e/{name}")
+        ours = open_adapter(f"sample:e2e/{name}")
+        assert ours.name == name
         assert set(ours.modules) == {f"transformer.h.{i}.attn.c_attn" for i in range(base.config.n_layer)}
         key = "base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"
         peft_b = peft_model.state_dict()[key]
@@ -78,11 +79,15 @@ def test_adapters_load_in_peft_with_trained_b(base):
 
 def test_sample_adapter_names():
     from lora_export.adapters.peft_io import read_adapter
+    from lora_export.errors import AdapterError
+    from lora_export.models.sources import open_adapter
 
     assert e2e.adapter_specs() == ["sample:e2e/description", "sample:e2e/review"]
     assert e2e.resolve_adapter("sample:e2e/review") == e2e.adapter_dir("review")
     with pytest.raises(UserError, match="no adapter 'poem'"):
-        read_adapter("sample:e2e/poem")
+        open_adapter("sample:e2e/poem")
+    with pytest.raises(AdapterError, match="does not exist"):  # the PEFT reader reads files, not sample names
+        read_adapter("sample:e2e/review")
 
 
 def test_adapter_beats_base_on_dev(base):
@@ -105,7 +110,7 @@ def test_adapter_beats_base_on_dev(base):
 
 
 def test_data_generator_reproduces_shipped_splits(tmp_path):
-    from lora_export.fileio import sha256_file
+    from lora_export.artifacts.fileio import sha256_file
 
     cfg = _train_module().TrainConfig().data
     splits = data.make_splits(cfg)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from lora_export.artifacts.plan_manifest import PlanManifest
 from lora_export.cli import cli
 from lora_export.engines._trt import INSTALL_HINT, cuda_unavailable, tensorrt_unavailable, unavailable_reason
-from lora_export.engines.manifest import PlanManifest
 
 no_trt = pytest.mark.skipif(tensorrt_unavailable() is None, reason="TensorRT is installed here")
 

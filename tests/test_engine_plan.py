@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from lora_export.artifacts.plan_manifest import PlanManifest
 from lora_export.contract import precision as graph_precision
 from lora_export.engines._trt import version_tuple
 from lora_export.engines.flags import select_flags
-from lora_export.engines.manifest import PlanManifest
 from lora_export.engines.profiles import DIM_DEFAULTS, InputProfile, parse_shape_spec, resolve_profiles
 from lora_export.errors import MissingDependencyError, UserError
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import make_random_adapter
 from onnx import numpy_helper
 
+from lora_export.artifacts.fileio import manifest_path, read_json
 from lora_export.backends.onnxrt import session_options
 from lora_export.engines.graph import graph_inputs, precision_of, prepare_graph
 from lora_export.engines.refit_plan import (
@@ -26,7 +27,6 @@ from lora_export.engines.refit_plan import (
 )
 from lora_export.errors import AdapterError, UserError
 from lora_export.export.merged import export_merged
-from lora_export.fileio import manifest_path, read_json
 from lora_export.verify.check import make_feeds
 
 GPT2_X = ["c_attn", "c_proj"]  # attn.c_attn, attn.c_proj, mlp.c_proj

@@ -120,7 +120,7 @@ def test_conv2d_merged_export_matches_peft(sample_cache, tmp_path):
 
 def test_large_models_are_saved_with_external_data(sample_cache, merged_graphs, tmp_path, monkeypatch):
     """Over protobuf's 2 GB limit the weights go to `out.onnx.data` (threshold lowered to test it cheaply)."""
-    from lora_export import onnxio
+    from lora_export.artifacts import onnxio
 
     monkeypatch.setattr(onnxio, "EXTERNAL_DATA_THRESHOLD", 1024)
     loaded = sample_cache("gpt2")

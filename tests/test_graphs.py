@@ -95,7 +95,7 @@ def test_merged_invariants_and_bake(name, tmp_path):
 @pytest.mark.parametrize("stem", ["merged", "branched_inputs", "branched_bank"])
 def test_optimized_matches_unoptimized(stem):
     from lora_export.adapters.peft_io import read_adapter
-    from lora_export.onnxio import read_slots
+    from lora_export.artifacts.onnxio import read_slots
 
     f = feeds(batch=3, seq=5, seed=1)
     adapter = read_adapter(GRAPHS / "adapter.onnx_adapter")

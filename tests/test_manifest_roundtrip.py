@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_random_adapter
 
+from lora_export.artifacts.onnxio import read_manifest, slots_of_ir
 from lora_export.cli import cli
 from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, GraphManifest, is_lora_tensor
 from lora_export.engines.graph import prepare_graph
 from lora_export.errors import UserError
-from lora_export.onnxio import read_manifest, slots_of_ir
 from lora_export.passes.pipeline import optimize_file
 
 LAYOUTS = ("merged", INPUTS, BANK)

@@ -20,12 +20,13 @@ import torch
 from cli_helpers import assert_one_line_error, run
 from peft_oracle import build_peft, peft_forward, save_adapter
 
-from lora_export import api, onnxio
+from lora_export import api
+from lora_export.artifacts import onnxio
+from lora_export.artifacts.checkpoint import SafetensorsWeights
 from lora_export.backends.onnxrt import OrtRunner
 from lora_export.errors import AdapterError
 from lora_export.export import merged, stream
 from lora_export.export import trace as trace_mod
-from lora_export.export.weights import SafetensorsWeights
 from lora_export.runtime import LoraSession
 from lora_export.verify.check import make_feeds
 

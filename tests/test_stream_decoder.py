@@ -18,16 +18,17 @@ import torch
 from cli_helpers import assert_one_line_error, run
 from conftest import make_random_adapter
 
-from lora_export import api, onnxio
+from lora_export import api
 from lora_export.adapters.inject import merge_adapter
 from lora_export.adapters.layer import BranchFeed
+from lora_export.artifacts import onnxio
+from lora_export.artifacts.checkpoint import SafetensorsWeights
 from lora_export.contract import BANK, MERGED
 from lora_export.export import decoder as decoder_mod
 from lora_export.export import stream
 from lora_export.export import trace as trace_mod
 from lora_export.export.branched import lora_wiring
 from lora_export.export.kv_cache import probe
-from lora_export.export.weights import SafetensorsWeights
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.runtime import generator as gen_mod
 from lora_export.verify import generation

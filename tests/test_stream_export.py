@@ -17,10 +17,12 @@ from cli_helpers import assert_one_line_error, run
 from conftest import make_random_adapter
 from peft_oracle import build_peft, peft_forward, save_adapter
 
-from lora_export import api, onnxio
+from lora_export import api
 from lora_export.adapters import read_adapter
 from lora_export.adapters.inject import attach_feed, merge_adapter
 from lora_export.adapters.layer import BranchFeed
+from lora_export.artifacts import onnxio
+from lora_export.artifacts.checkpoint import SafetensorsWeights
 from lora_export.backends import torch_runner
 from lora_export.backends.onnxrt import OrtRunner
 from lora_export.contract import INPUTS
@@ -28,7 +30,6 @@ from lora_export.export import branched, stream
 from lora_export.export import trace as trace_mod
 from lora_export.export.branched import export_branched
 from lora_export.export.merged import export_merged
-from lora_export.export.weights import SafetensorsWeights
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.models.skeleton import tensor_names
 from lora_export.verify.check import make_feeds, verify_graph

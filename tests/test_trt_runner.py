@@ -50,8 +50,8 @@ def _check(plan, s, want, extra=None, atol=2e-2):
 
 
 def test_merged_engine_refit_x_y_x_and_back_to_base(gpt2):
+    from lora_export.artifacts.plan_manifest import PlanManifest
     from lora_export.engines.build import BuildOptions, build_engine
-    from lora_export.engines.manifest import PlanManifest
     from lora_export.engines.refit import refit_engine
 
     root = gpt2["root"]

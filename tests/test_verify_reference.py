@@ -93,7 +93,7 @@ def _peft_dir_as(adapter, directory, **config):
 
 def _read_as(adapter, directory):
     """`adapter` as if our reader had produced it from `directory`: a misreading of that directory."""
-    from lora_export.fileio import sha256_files
+    from lora_export.artifacts.fileio import sha256_files
 
     out = copy.copy(adapter)
     out.source = str(directory)

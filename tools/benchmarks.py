@@ -142,13 +142,13 @@ def run_suite(args) -> Suite:
     from lora_export.adapters.pack import pack_adapter
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
+    from lora_export.artifacts.onnxio import read_slots
     from lora_export.backends.onnxrt import OrtRunner, open_session
     from lora_export.backends.torch_runner import TorchRunner
     from lora_export.contract import ADAPTER_INDEX
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model
-    from lora_export.onnxio import read_slots
     from lora_export.runtime import LoraSession
     from lora_export.verify.latency import Candidate, measure, ratio, set_threads, summarize, thread_settings
 

@@ -43,7 +43,7 @@ transformers.utils.logging.disable_progress_bar()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_export.fileio import sha256_file  # noqa: E402
+from lora_export.artifacts.fileio import sha256_file  # noqa: E402
 from lora_export.models.e2e import data as e2e_data  # noqa: E402
 
 EOS = "<|endoftext|>"

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.fileio import atomic_path
 from lora_export.contract import INPUTS, dtype_name, numpy_dtype
 from lora_export.errors import UserError
-from lora_export.fileio import atomic_path
 
 PACK_SUFFIXES = (".onnx_adapter", ".safetensors", ".npz")
 
@@ -56,7 +56,7 @@ def pack_adapter(
     `dtype` defaults to the graph's LoRA input dtype (ONNX Runtime refuses an adapter of another dtype), or fp32.
     """
     if graph is not None:
-        from lora_export.onnxio import read_slots
+        from lora_export.artifacts.onnxio import read_slots
 
         slots = read_slots(graph)
         if slots.layout != INPUTS:

@@ -19,6 +19,7 @@ import torch
 from lora_export.adapters import validate
 from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.spec import LoraSpec, is_all_linear, lora_scaling
+from lora_export.artifacts.fileio import atomic_dir, sha256_file, sha256_files
 from lora_export.contract import (
     PEFT_KEY_HINT,
     PEFT_PREFIX,
@@ -35,7 +36,6 @@ from lora_export.contract import (
     strip_peft_prefix,
 )
 from lora_export.errors import AdapterError, named
-from lora_export.fileio import atomic_dir, sha256_file, sha256_files
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -62,13 +62,8 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 def read_adapter(source: str | Path, *, name: str | None = None, allow_nonfinite: bool = False) -> Adapter:
     """Read a PEFT adapter directory or a contract-layout file into an `Adapter`.
 
-    `sample:e2e/NAME` names an adapter shipped with the trained sample (`lora_export.models.e2e`).
+    Sample names (`sample:e2e/NAME`) are resolved by `models.sources.open_adapter`, not here.
     """
-    if isinstance(source, str) and source.startswith("sample:"):
-        from lora_export.models.e2e import resolve_adapter
-
-        name = name or source.rpartition("/")[2]
-        source = resolve_adapter(source)
     path = Path(source)
     if not path.exists():
         raise AdapterError(f"{named('adapter', path)} does not exist: give a PEFT adapter directory or an adapter file")

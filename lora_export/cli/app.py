@@ -16,8 +16,8 @@ import traceback
 import click
 
 from lora_export import __version__
+from lora_export.artifacts.fileio import io_error_line
 from lora_export.errors import UserError
-from lora_export.fileio import io_error_line
 from lora_export.quiet import quiet_third_party
 
 

@@ -78,7 +78,7 @@ def bench(
 
         lora-export bench sample:gpt2-small --backends torch,ort --modes base,merged,branched,bank --batch 1,8
     """
-    from lora_export.fileio import atomic_path, probe_writable
+    from lora_export.artifacts.fileio import atomic_path, probe_writable
     from lora_export.verify.bench import BenchConfig
     from lora_export.verify.report import TABLE_COLUMNS, machine_line, table_rows, to_markdown
 

@@ -117,7 +117,7 @@ def parse_ints(value: str, flag: str) -> list[int]:
 
 def write_json_report(path: str | None, data: dict) -> None:
     if path:
-        from lora_export.fileio import probe_writable, write_json
+        from lora_export.artifacts.fileio import probe_writable, write_json
 
         probe_writable(path)
         write_json(path, data)

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from lora_export import api
+from lora_export.artifacts.fileio import probe_writable
 from lora_export.cli import display
 from lora_export.cli.app import cli
 from lora_export.cli.options import (
@@ -20,7 +21,6 @@ from lora_export.cli.options import (
     write_json_report,
 )
 from lora_export.errors import UserError
-from lora_export.fileio import probe_writable
 
 BACKEND_CHOICES = click.Choice(["torch", "ort", "trt"])
 

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import onnx
 
+from lora_export.artifacts.fileio import atomic_path, check_output_path, sha256_file
+from lora_export.artifacts.onnxio import read_manifest
+from lora_export.artifacts.plan_manifest import PlanManifest
 from lora_export.contract import GraphManifest
 from lora_export.engines import _trt
 from lora_export.engines.flags import FlagChoice, select_flags
 from lora_export.engines.graph import PreparedGraph, precision_of, prepare_graph, save_graph
-from lora_export.engines.manifest import PlanManifest
 from lora_export.engines.profiles import InputProfile, resolve_profiles
 from lora_export.engines.refit_plan import GraphWeights, changed_weights
 from lora_export.errors import UserError
-from lora_export.fileio import atomic_path, check_output_path, sha256_file
-from lora_export.onnxio import read_manifest
 
 Progress = Callable[[str], None]
 

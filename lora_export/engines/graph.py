@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lora_export import onnxio
+from lora_export.artifacts import onnxio
 from lora_export.contract import GraphManifest, dtype_name, is_lora_tensor, precision, weight_names
 from lora_export.errors import UserError
 

@@ -17,9 +17,10 @@ import numpy as np
 import onnx
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.fileio import atomic_path, check_output_path, sha256_file
+from lora_export.artifacts.plan_manifest import PlanManifest, now
 from lora_export.contract import Slot, weight_names
 from lora_export.engines import _trt
-from lora_export.engines.manifest import PlanManifest, now
 from lora_export.engines.refit_plan import (
     GraphWeights,
     RefitPlan,
@@ -28,7 +29,6 @@ from lora_export.engines.refit_plan import (
     merged_refit_plan,
 )
 from lora_export.errors import UserError
-from lora_export.fileio import atomic_path, check_output_path, sha256_file
 
 MAX_MISSING_ROUNDS = 4
 

@@ -34,6 +34,8 @@ from lora_export.adapters.layer import BranchFeed, is_conv1d, layer_dims, stores
 from lora_export.adapters.saved import base_layers_changed, wrap_saved
 from lora_export.adapters.spec import LoraSpec, default_targets
 from lora_export.adapters.ties import untie
+from lora_export.artifacts.fileio import all_or_nothing, check_output_path
+from lora_export.artifacts.onnxio import write_manifest
 from lora_export.contract import (
     ADAPTER_INDEX,
     BANK,
@@ -60,9 +62,7 @@ from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import ExportResult
 from lora_export.export.stream import OnWrite, StreamPlan, check_disk_space, export_skeleton, plan_untie
-from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import write_manifest
 
 EXAMPLE_RANK = 2  # torch.export specializes dims of size 0 and 1; the rank stays symbolic in the graph
 

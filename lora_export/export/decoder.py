@@ -23,6 +23,19 @@ from lora_export import contract
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.layer import BranchFeed
 from lora_export.adapters.pack import write_packed
+from lora_export.artifacts.decoder_folder import (
+    ADAPTER_SUFFIX,
+    ADAPTERS_DIR,
+    CONFIG_NAME,
+    DECODER_KEY,
+    MODEL_NAME,
+    TOKENIZER_FILES,
+    DecoderFacts,
+    genai_config,
+    search_defaults,
+)
+from lora_export.artifacts.fileio import atomic_dir, write_json
+from lora_export.artifacts.onnxio import ir_initializers, write_manifest
 from lora_export.contract import (
     BATCH_DIM,
     DECODER_LAYOUTS,
@@ -35,17 +48,6 @@ from lora_export.contract import (
     decoder_kind,
     decoder_output_names,
 )
-from lora_export.decoder_folder import (
-    ADAPTER_SUFFIX,
-    ADAPTERS_DIR,
-    CONFIG_NAME,
-    DECODER_KEY,
-    MODEL_NAME,
-    TOKENIZER_FILES,
-    DecoderFacts,
-    genai_config,
-    search_defaults,
-)
 from lora_export.errors import UserError
 from lora_export.export import trace as trace_mod
 from lora_export.export.branched import lora_wiring
@@ -53,9 +55,7 @@ from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inpu
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import merged_work
 from lora_export.export.stream import OnWrite, check_disk_space
-from lora_export.fileio import atomic_dir, write_json
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import ir_initializers, write_manifest
 
 TRACE_BATCH, TRACE_SEQ = 2, 3  # >= 2: torch.export specializes dims of size 0 and 1
 _WRITTEN = (MODEL_NAME, f"{MODEL_NAME}.data", f"{MODEL_NAME}.json", CONFIG_NAME, ADAPTERS_DIR, *TOKENIZER_FILES)

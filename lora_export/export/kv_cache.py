@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_export.decoder_folder import DecoderFacts
+from lora_export.artifacts.decoder_folder import DecoderFacts
 from lora_export.errors import UserError
 
 

@@ -14,9 +14,9 @@ import onnx_ir as ir
 
 from lora_export import __version__
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.onnxio import graph_io
 from lora_export.contract import GraphManifest, SlotTable
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import graph_io
 
 
 def versions() -> dict[str, str]:

@@ -13,13 +13,13 @@ import torch
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import merge_adapter
+from lora_export.artifacts.fileio import all_or_nothing, check_output_path
+from lora_export.artifacts.onnxio import write_manifest
 from lora_export.contract import GraphManifest, torch_dtype
 from lora_export.export import trace as trace_mod
 from lora_export.export.manifest import build_manifest
 from lora_export.export.stream import OnWrite, StreamPlan, check_disk_space, export_skeleton, plan_merge
-from lora_export.fileio import all_or_nothing, check_output_path
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import write_manifest
 
 
 @dataclass

@@ -29,8 +29,8 @@ from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.inject import check_fits, unwrap
 from lora_export.adapters.layer import merged_tensor, stores_in_out
 from lora_export.adapters.ties import is_shared
+from lora_export.artifacts.checkpoint import ModuleWeights, RebuiltWeights, SafetensorsWeights, WeightSource
 from lora_export.errors import UserError
-from lora_export.export.weights import ModuleWeights, RebuiltWeights, SafetensorsWeights, WeightSource
 from lora_export.models.loading import LoadedModel
 from lora_export.models.skeleton import meta_module, meta_parameter, tensor_names
 

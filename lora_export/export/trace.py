@@ -23,14 +23,14 @@ import onnx_ir.passes.common as common_passes
 import torch
 from torch import nn
 
-from lora_export import onnxio
 from lora_export.adapters.layer import BranchFeed
+from lora_export.artifacts import onnxio
+from lora_export.artifacts.fileio import io_errors
+from lora_export.artifacts.memory import release_freed_memory
 from lora_export.contract import ADAPTER_INDEX, BANK_KIND, A, is_rank_dim, parse
 from lora_export.errors import UserError
 from lora_export.export.names import rename_initializers
 from lora_export.export.stream import OnWrite, StreamPlan
-from lora_export.fileio import io_errors
-from lora_export.memory import release_freed_memory
 from lora_export.models.loading import LoadedModel, call_model
 
 FX_NODE_KEY = "pkg.torch.onnx.fx_node"

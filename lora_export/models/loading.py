@@ -155,7 +155,7 @@ def wrap_transformers(module: nn.Module, spec: str, probe: nn.Module | None = No
 def _load_transformers_dir(path: Path, spec: str, lazy: bool = False) -> LoadedModel:
     import transformers
 
-    from lora_export.export.weights import checkpoint_files
+    from lora_export.artifacts.checkpoint import checkpoint_files
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download
     if not (path / "config.json").exists():
@@ -222,7 +222,7 @@ def _skeleton_from_config(cls, config, files: dict[str, Path]) -> nn.Module:
     stored in the checkpoint are read (they are small), the others keep their constructed values."""
     import transformers
 
-    from lora_export.export.weights import read_tensor
+    from lora_export.artifacts.checkpoint import read_tensor
 
     config._attn_implementation = "eager"
     with params_on_meta():

@@ -8,9 +8,9 @@ import torch
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.ties import other_readers
+from lora_export.artifacts.onnxio import slots_of_ir
 from lora_export.contract import BANK, MERGED
 from lora_export.errors import AdapterError, UserError
-from lora_export.onnxio import slots_of_ir
 from lora_export.passes.contract import Branch, LoraPass, find_branches, lora_inputs
 
 _PASSTHROUGH = ("Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")

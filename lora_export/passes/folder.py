@@ -12,14 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_export.artifacts.decoder_folder import MODEL_NAME
 from lora_export.errors import UserError
-
-MODEL_NAME = "model.onnx"
 
 
 def optimize_folder(in_dir: Path, out_dir: str | Path, optimize_file: Callable[..., dict], **kwargs) -> dict[str, Any]:
     """Copy `in_dir` to `out_dir` with its `model.onnx` (and manifest) replaced by the optimized graph."""
-    from lora_export.fileio import atomic_dir
+    from lora_export.artifacts.fileio import atomic_dir
 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not (in_dir / MODEL_NAME).is_file():

@@ -134,10 +134,10 @@ def optimize_file(
     for the blockwise schemes. A decoder folder (`export-decoder`) in gives a folder out, its adapters and
     configs copied. Nothing is written if any step fails.
     """
-    from lora_export.adapters.peft_io import read_adapter
+    from lora_export.artifacts.fileio import all_or_nothing, check_output_path
+    from lora_export.artifacts.onnxio import read_manifest, write_manifest
     from lora_export.export.trace import save
-    from lora_export.fileio import all_or_nothing, check_output_path
-    from lora_export.onnxio import read_manifest, write_manifest
+    from lora_export.models.sources import open_adapter
 
     in_path = Path(in_path)
     fuse = parse_fusions(fuse) if fuse else ()
@@ -165,8 +165,8 @@ def optimize_file(
     except Exception as e:  # onnx raises DecodeError and friends
         raise UserError(f"cannot read {in_path} as ONNX: {str(e).splitlines()[0][:200]}") from None
     adapter = bake
-    if bake is not None and not isinstance(bake, Adapter):
-        adapter = read_adapter(bake, allow_nonfinite=allow_nonfinite)
+    if bake is not None:
+        adapter = open_adapter(bake, allow_nonfinite=allow_nonfinite)
     source_manifest = read_manifest(in_path)
     arch = source_manifest.model.get("arch") if source_manifest is not None else None
     opts = PipelineOptions(
@@ -203,7 +203,7 @@ def rewritten_manifest(
 ) -> GraphManifest:
     """The source graph's manifest, updated for the optimized `model`: I/O and slots are read from the new
     graph (a bank graph keeps its adapter index among the inputs), a bake makes it a merged graph."""
-    from lora_export.onnxio import graph_io, slots_of_ir
+    from lora_export.artifacts.onnxio import graph_io, slots_of_ir
 
     manifest = copy.deepcopy(source) if source is not None else GraphManifest(kind="unknown")
     manifest.set_io(*graph_io(model))

@@ -24,9 +24,9 @@ import numpy as np
 
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.pack import write_packed
-from lora_export.adapters.peft_io import read_adapter
 from lora_export.contract import ADAPTER_INDEX, INPUTS, NO_ADAPTER, SlotTable
 from lora_export.errors import UserError
+from lora_export.models.sources import open_adapter
 
 BANK_CACHE = 16
 
@@ -62,9 +62,7 @@ class AdapterStore:
     def load(self, name: str, source: str | Path | Adapter, *, allow_nonfinite: bool = False) -> Adapter:
         """Make an adapter resident as `name`: a PEFT dir, an .onnx_adapter/.safetensors/.npz file, or an Adapter."""
         check_adapter_name(name)
-        adapter = (
-            source if isinstance(source, Adapter) else read_adapter(source, name=name, allow_nonfinite=allow_nonfinite)
-        )
+        adapter = open_adapter(source, name=name, allow_nonfinite=allow_nonfinite)
         self.slots.check_adapter(adapter)
         resident = Resident(adapter, next(self._generations))
         if self.layout == INPUTS:

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.decoder_folder import DecoderFolder, read_folder
+from lora_export.artifacts.onnxio import InitializerReader
 from lora_export.backends.onnxrt import open_session
 from lora_export.contract import (
     ATTENTION_MASK,
@@ -54,9 +56,7 @@ from lora_export.contract import (
     decoder_input_names,
     decoder_output_names,
 )
-from lora_export.decoder_folder import DecoderFolder, read_folder
 from lora_export.errors import UserError
-from lora_export.onnxio import InitializerReader
 from lora_export.runtime import batch as batch_mod
 from lora_export.runtime.adapters import AdapterStore
 from lora_export.runtime.batch import Batch

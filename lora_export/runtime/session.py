@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.onnxio import InitializerReader
 from lora_export.backends.onnxrt import feedable_names, open_session
 from lora_export.contract import ADAPTER_INDEX, BANK, MERGED, SlotTable, check_bank_index, is_lora_input
 from lora_export.errors import UserError
-from lora_export.onnxio import InitializerReader
 from lora_export.runtime.adapters import AdapterStore
 
 

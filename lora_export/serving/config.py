@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_export.decoder_folder import read_folder
+from lora_export.artifacts.decoder_folder import read_folder
 from lora_export.errors import UserError
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_export.decoder_folder import read_folder
+from lora_export.artifacts.decoder_folder import read_folder
 
 
 class GeneratorModel:

@@ -152,7 +152,7 @@ def export_graphs(
 
 
 def _graph_lora_feeds(path: Path, mode: str, adapter: Adapter, bank_adapters: list[Adapter]):
-    from lora_export.onnxio import read_slots
+    from lora_export.artifacts.onnxio import read_slots
 
     if mode == "branched":
         fixed = read_slots(path).adapter_feeds(adapter)

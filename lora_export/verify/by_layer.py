@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lora_export.artifacts.memory import release_freed_memory
 from lora_export.errors import UserError
-from lora_export.memory import release_freed_memory
 from lora_export.models.loading import LoadedModel
 
 SEGMENT_BYTES = 512 << 20  # initializer bytes per ONNX piece (a piece with one larger tensor holds just it)
@@ -80,7 +80,7 @@ def check_streamable(loaded: LoadedModel) -> None:
 def jit_module(loaded: LoadedModel) -> nn.Module:
     """A private module tree of the lazily loaded `loaded` whose parameters are read from its checkpoint at
     each forward of their module (float32) and released after it."""
-    from lora_export.export.weights import SafetensorsWeights
+    from lora_export.artifacts.checkpoint import SafetensorsWeights
     from lora_export.models.skeleton import tensor_names
 
     check_streamable(loaded)
@@ -134,7 +134,7 @@ class SegmentedGraph:
     def __enter__(self) -> SegmentedGraph:
         import onnx
 
-        from lora_export.onnxio import load_onnx_header
+        from lora_export.artifacts.onnxio import load_onnx_header
 
         header = load_onnx_header(self.path)
         if any(

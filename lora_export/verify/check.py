@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.memory import release_freed_memory
+from lora_export.artifacts.onnxio import InitializerReader, load_onnx_header, slots_of_proto
 from lora_export.backends.onnxrt import cast_feeds
 from lora_export.backends.torch_runner import TorchRunner
 from lora_export.contract import ADAPTER_INDEX, BANK, INPUTS, MERGED, NO_ADAPTER, SlotTable, precision
 from lora_export.errors import MissingDependencyError, UserError
-from lora_export.memory import release_freed_memory
 from lora_export.models.loading import LoadedModel
-from lora_export.onnxio import InitializerReader, load_onnx_header, slots_of_proto
 from lora_export.verify.by_layer import (
     SegmentedGraph,
     describe,

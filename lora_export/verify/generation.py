@@ -31,6 +31,7 @@ import torch
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import attach_adapter, lora_layers
 from lora_export.adapters.peft_io import read_adapter
+from lora_export.artifacts.decoder_folder import MODEL_NAME
 from lora_export.contract import BANK, INPUTS, MERGED
 from lora_export.errors import UserError
 from lora_export.models.loading import LoadedModel
@@ -158,7 +159,7 @@ def verify_generation(
         atol = atol if atol is not None else (1e-4 if dtype == "fp32" else 5e-2)
         from lora_export.passes.quantize import graph_scheme
 
-        scheme = graph_scheme(Path(folder) / "model.onnx")
+        scheme = graph_scheme(Path(folder) / MODEL_NAME)
         report = GenerationReport(str(folder), layout, new_tokens, atol, quantization=scheme)
         runs = []  # our side of every case first: the session holds the weights only until it closes
         for rows_needed, longest in shapes or DEFAULT_SHAPES:

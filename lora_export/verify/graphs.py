@@ -16,7 +16,7 @@ def graph_feeds(path: str | Path, batch: int, seq: int, *, seed: int = 0, rank: 
     defaults (no adapter: every row's index is `NO_ADAPTER`)."""
     import onnx_ir as ir
 
-    from lora_export.onnxio import slots_of_ir
+    from lora_export.artifacts.onnxio import slots_of_ir
 
     model = ir.load(path)
     rng = np.random.default_rng(seed)

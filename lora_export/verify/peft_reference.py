@@ -59,7 +59,7 @@ def resolve_oracle(oracle: str) -> str:
 def peft_dir(adapter: Adapter, scratch: Path) -> Path:
     """A PEFT adapter directory holding `adapter`: its own directory when unchanged since it was read."""
     from lora_export.adapters.peft_io import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, write_peft_adapter
-    from lora_export.fileio import sha256_files
+    from lora_export.artifacts.fileio import sha256_files
 
     source = Path(adapter.source) if adapter.source else None
     if adapter.extra.get("peft_config") and source is not None and source.is_dir():

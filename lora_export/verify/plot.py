@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_export.fileio import atomic_path
+from lora_export.artifacts.fileio import atomic_path
 from lora_export.verify.report import BenchReport
 
 

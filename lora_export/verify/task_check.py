@@ -178,7 +178,7 @@ def folder_layout(folder) -> str:
     baked by `optimize --bake` has a plain `merged` manifest)."""
     if folder.layout is not None:
         return folder.layout
-    from lora_export.onnxio import read_slots
+    from lora_export.artifacts.onnxio import read_slots
 
     return read_slots(folder.model_path).layout
 
@@ -200,7 +200,7 @@ def verify_task(
     """Task scores of `folder` vs PyTorch + PEFT on `split` (the first `limit` items); see the module docstring."""
     import contextlib
 
-    from lora_export.decoder_folder import read_folder
+    from lora_export.artifacts.decoder_folder import read_folder
     from lora_export.models import e2e
     from lora_export.passes.quantize import graph_scheme
     from lora_export.verify import task_run

@@ -77,10 +77,9 @@ def torch_generator(
     if model is None:
         model = load_causal_lm(model_dir)
         if adapter is not None:
-            from lora_export.adapters.adapter import Adapter
-            from lora_export.adapters.peft_io import read_adapter
+            from lora_export.models.sources import open_adapter
 
-            attach_adapter(model, adapter if isinstance(adapter, Adapter) else read_adapter(adapter))
+            attach_adapter(model, open_adapter(adapter))
     return lambda prompts: generate_text(model, tok, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 

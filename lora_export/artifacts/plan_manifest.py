@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_export.artifacts.fileio import manifest_path, read_json, write_json
 from lora_export.errors import UserError
-from lora_export.fileio import manifest_path, read_json, write_json
 
 FORMAT = 1
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_export.artifacts.fileio import read_json
 from lora_export.contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -29,7 +30,6 @@ from lora_export.contract import (
     decoder_layout,
 )
 from lora_export.errors import UserError
-from lora_export.fileio import read_json
 
 CONFIG_NAME = "genai_config.json"
 MODEL_NAME = "model.onnx"
@@ -166,7 +166,7 @@ class DecoderFolder:
 
 def read_folder(folder: str | Path) -> DecoderFolder:
     """Read a decoder folder; one line when it is not one (no genai_config.json, no model.onnx, broken JSON)."""
-    from lora_export.onnxio import read_manifest
+    from lora_export.artifacts.onnxio import read_manifest
 
     folder = Path(folder)
     if not folder.is_dir():

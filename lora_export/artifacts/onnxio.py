@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lora_export.artifacts.fileio import manifest_path, read_json, write_json
 from lora_export.contract import SLOTS_METADATA, GraphManifest, SlotTable
 from lora_export.errors import UserError
-from lora_export.fileio import manifest_path, read_json, write_json
 
 # Weights above this many bytes go to a side file (`<graph>.data`), written one tensor at a time. Protobuf
 # cannot hold a message over 2 GB, and a graph with its weights inside is built whole in memory (two to three
