@@ -3,7 +3,7 @@
 from lora_export import api
 result = api.merge_and_export("sample:gpt2", "my_adapter/", "out.onnx")
 report = api.verify("sample:gpt2", "out.onnx", adapters=["my_adapter/"])
-report = api.verify_task("sample:e2e", "e2e_folder/", split="test", limit=50)   # task scores vs PEFT
+report = api.verify_task("sample:e2e", "e2e_folder/", check=TaskCheck(limit=50))   # task scores vs PEFT
 
 The CLI commands parse their options, call these functions and display what they return; the orchestration
 (load -> export -> verify, which adapters verify a graph, the demo) lives here once. Slow functions take
@@ -19,6 +19,7 @@ for the PyTorch side only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -36,6 +37,7 @@ from lora_export.errors import UserError
 from lora_export.export.merged import ExportResult
 from lora_export.models.loading import LoadedModel, load_model
 from lora_export.models.sources import open_adapter
+from lora_export.verify.options import BackendCheck, GenerationCheck, TaskCheck
 from lora_export.verify.parity import ParityReport
 
 if TYPE_CHECKING:
@@ -179,15 +181,19 @@ def verify(
     *,
     adapters: list[AdapterSource] = (),
     allow_nonfinite: bool = False,
-    **kwargs,
+    check: BackendCheck | None = None,
+    on_case: Callable[[int, int], None] | None = None,
 ) -> ParityReport:
-    """Compare two backends (default: ONNX Runtime on `onnx_path` against PyTorch with the adapters resident);
-    `kwargs` go to `verify.check.verify_backends` (reference, candidate, engine_path, shapes, seeds, ...)."""
+    """Compare two backends (default: ONNX Runtime on `onnx_path` against PyTorch with the adapters resident):
+    `check` says which, on which inputs, with which tolerances (`verify.options.BackendCheck`)."""
     from lora_export.verify.check import verify_backends
 
+    check = check or BackendCheck()
+    if onnx_path is not None:
+        check = dataclasses.replace(check, onnx_path=onnx_path)
     loaded = as_model(model, lazy=True)
     ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
-    return verify_backends(loaded, ads, onnx_path=onnx_path, **kwargs)
+    return verify_backends(loaded, ads, check, on_case=on_case)
 
 
 def optimize(
@@ -219,14 +225,17 @@ def optimize(
 
 
 def inspect(target: str | Path, *, base_model: ModelLike | None = None) -> dict[str, Any]:
-    """What `target` is and holds: a graph (`.onnx`), an adapter (PEFT dir or adapter file; `base_model` adds
-    the trainable fraction), or a model (its LoRA-capable layers and default targets)."""
+    """What `target` is and holds: a graph (`.onnx`), a decoder folder (export-decoder), an adapter (PEFT dir or
+    adapter file; `base_model` adds the trainable fraction), or a model (its LoRA-capable layers and default
+    targets)."""
     from lora_export import inspection
 
     path = Path(target)
     text = str(target)
     if path.suffix == ".onnx":
         return inspection.inspect_onnx(path)
+    if inspection.is_decoder_folder(path):
+        return inspection.inspect_decoder_folder(path)
     if not text.startswith(("sample:", "py:")) and (path.is_file() or (path / "adapter_config.json").exists()):
         base = sum(p.numel() for p in as_model(base_model, lazy=True).module.parameters()) if base_model else None
         return inspection.inspect_adapter(as_adapter(path, allow_nonfinite=True), base)
@@ -374,37 +383,54 @@ def export_decoder(
     if verify:
         rows = len(ads) + 1 if layout == BANK else 2
         with _step(progress, "checking greedy generation against transformers"):
-            report = verify_generation(loaded, result.path, adapters=ads, new_tokens=8, shapes=[(rows, 6)])
+            report = verify_generation(
+                loaded, result.path, adapters=ads, check=GenerationCheck(new_tokens=8, shapes=[(rows, 6)])
+            )
     return DecoderOutcome(result, report)
 
 
 def verify_generation(
-    model: ModelLike, folder: str | Path, *, adapters: list[AdapterSource] = (), allow_nonfinite: bool = False, **kwargs
+    model: ModelLike,
+    folder: str | Path,
+    *,
+    adapters: list[AdapterSource] = (),
+    allow_nonfinite: bool = False,
+    check: GenerationCheck | None = None,
 ) -> GenerationReport:
-    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model; `kwargs` go to
-    `verify.generation.verify_generation` (new_tokens, shapes, seeds, atol)."""
+    """Greedy tokens of a decoder folder vs transformers generate on the PyTorch model
+    (`verify.options.GenerationCheck`: new tokens, shapes, seeds, logits tolerance)."""
     from lora_export.verify.generation import verify_generation as _verify
 
+    c = check or GenerationCheck()
     ads = [as_adapter(a, allow_nonfinite=allow_nonfinite) for a in adapters]
-    return _verify(as_model(model), folder, ads, **kwargs)
+    return _verify(as_model(model), folder, ads, new_tokens=c.new_tokens, shapes=c.shapes, seeds=c.seeds, atol=c.atol)
 
 
 def verify_task(
     model: ModelLike,
     folder: str | Path,
     *,
-    task: str = "e2e",
+    adapters: list[str] = (),
+    check: TaskCheck | None = None,
     progress: Progress | None = None,
-    **kwargs,
 ) -> TaskReport:
     """Task scores (BLEU, ROUGE-L, METEOR) of a decoder folder of the trained sample next to PyTorch + PEFT on
-    the same items, per adapter of the folder; `kwargs` go to `verify.task_check.verify_task` (split, limit,
-    adapters, tolerance, max_new_tokens, threads). `report.passed`: the same text as PEFT (fp32), or every
-    score within `tolerance` points (quantized / fp16 folders)."""
+    the same items, per adapter of the folder (`verify.options.TaskCheck`: task, split, limit, tolerance).
+    `report.passed`: the same text as PEFT (fp32), or every score within `tolerance` points (quantized / fp16)."""
     from lora_export.verify.task_check import verify_task as _verify
 
+    c = check or TaskCheck()
     name = model if isinstance(model, str) else model.source
-    return _verify(name, folder, task=task, step=lambda label: _step(progress, label), **kwargs)
+    return _verify(
+        name,
+        folder,
+        task=c.task,
+        split=c.split,
+        limit=c.limit,
+        adapters=list(adapters),
+        tolerance=c.tolerance,
+        step=lambda label: _step(progress, label),
+    )
 
 
 def serve(

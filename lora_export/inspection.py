@@ -1,4 +1,5 @@
-"""What is in a model, an adapter or an ONNX graph: adapted modules, ranks, scaling, parameter counts."""
+"""What is in a model, an adapter, an ONNX graph or a decoder folder: adapted modules, ranks, scaling,
+parameter counts, the folder's shape and adapters."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.artifacts.decoder_folder import CONFIG_NAME, read_folder
 from lora_export.artifacts.onnxio import load_onnx_header, proto_dims, read_manifest, slots_of_proto
 from lora_export.contract import BANK
 
@@ -100,6 +102,38 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
     if manifest is not None:
         info["manifest"] = manifest.to_dict()
     return info
+
+
+def is_decoder_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_NAME).is_file()
+
+
+def inspect_decoder_folder(path: str | Path) -> dict[str, Any]:
+    """A decoder folder (export-decoder, or ONNX Runtime GenAI's builder): its shape, layout, adapters, graph."""
+    folder = read_folder(path)
+    facts, graph = folder.facts, inspect_onnx(folder.model_path)
+    search = folder.config.get("search", {})
+    return {
+        "kind": "decoder folder",
+        "path": str(folder.path),
+        "layout": folder.layout or graph["layout"],
+        "layers": facts.num_layers,
+        "attention heads": facts.num_attention_heads,
+        "kv heads": facts.num_key_value_heads,
+        "head size": facts.head_size,
+        "vocab": facts.vocab_size,
+        "context": facts.context_length,
+        "eos": ", ".join(str(e) for e in facts.eos_token_id),
+        "tokenizer": folder.has_tokenizer,
+        "packed adapters": ", ".join(folder.adapter_files) or "none",
+        "search": ", ".join(f"{k}={v}" for k, v in sorted(search.items())),
+        "graph": folder.model_path.name,
+        "nodes": graph["nodes"],
+        "initializer_parameters": graph["initializer_parameters"],
+        "lora_modules": graph["lora_modules"],
+        "ops": graph["ops"],
+        "table": graph["table"],
+    }
 
 
 def _numel(dims) -> int:

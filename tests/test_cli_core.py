@@ -209,6 +209,7 @@ def test_demo_runs_twice_and_owns_its_folder(tmp_path):
     first = run("demo", "-o", tmp_path / "demo", "--items", "8")
     assert "description" in first.output and "review" in first.output and "(no adapter)" in first.output
     assert "identical" in first.output and "BLEU" in first.output
+    assert "not the export's" in " ".join(first.output.split())  # a tiny model's wrong facts are explained
     assert (tmp_path / "demo" / "e2e_bank" / "model.onnx").exists()
     again = run("demo", "-o", tmp_path / "demo", "--items", "8")  # the demo's own folder: replaced
     assert again.output.split("input")[1] == first.output.split("input")[1]

@@ -13,6 +13,7 @@ import torch
 from lora_export.errors import UserError
 from lora_export.models import e2e
 from lora_export.models.e2e import data
+from lora_export.verify.options import TaskCheck
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +260,7 @@ TASK_ITEMS = 3
 def test_verify_task_bank_folder_matches_peft(folders):
     from lora_export import api
 
-    report = api.verify_task(e2e.SPEC, folders["bank"], split="test", limit=TASK_ITEMS)
+    report = api.verify_task(e2e.SPEC, folders["bank"], check=TaskCheck(split="test", limit=TASK_ITEMS))
     assert report.layout == "bank" and report.mode == "exact" and report.passed, report.to_dict()
     assert [c.adapter for c in report.comparisons] == list(e2e.ADAPTERS)
     assert [c.items for c in report.comparisons] == [[0, 2], [1]]  # one batch, rows alternate the adapters
@@ -277,7 +278,7 @@ def test_verify_task_reports_a_folder_with_the_wrong_adapter(folders, tmp_path):
     wrong = tmp_path / "wrong"
     shutil.copytree(folders["inputs"], wrong)
     shutil.copyfile(wrong / "adapters" / "review.onnx_adapter", wrong / "adapters" / "description.onnx_adapter")
-    report = api.verify_task(e2e.SPEC, wrong, limit=TASK_ITEMS, adapters=["sample:e2e/description"])
+    report = api.verify_task(e2e.SPEC, wrong, check=TaskCheck(limit=TASK_ITEMS), adapters=["sample:e2e/description"])
     (c,) = report.comparisons
     assert not report.passed and c.adapter == "description"
     assert c.same_text < c.n and c.first_difference is not None

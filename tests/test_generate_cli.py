@@ -131,3 +131,13 @@ def test_tokenizer_files_are_copied_from_a_model_directory(tmp_path):
     dst.mkdir()
     assert _copy_tokenizer(str(src), dst) == ["tokenizer.json", "tokenizer_config.json"]
     assert _copy_tokenizer("sample:gpt2", dst) == []
+
+
+def test_inspect_describes_a_decoder_folder(decoders):
+    folder = decoders.folder("gpt2", "inputs")
+    info = json.loads(run("inspect", folder, "--json").stdout)
+    assert info["kind"] == "decoder folder" and info["layout"] == "inputs"
+    assert info["packed adapters"] == "x, y" and info["lora_modules"] > 0 and info["layers"] >= 1
+    assert info["vocab"] > 0 and info["context"] > 0
+    table = run("inspect", folder).stdout
+    assert "decoder folder" in table and "kv heads" in table

@@ -133,15 +133,16 @@ def test_bank_on_int8_base_right_row_by_row(quantized, sample_cache):
 
 def test_verify_judges_quantized_graphs_on_agreement_and_catches_a_dropped_adapter(quantized, sample_cache):
     from lora_export.verify.check import verify_backends
+    from lora_export.verify.options import BackendCheck
 
     _, out, _ = quantized("gpt2")
     loaded = sample_cache("gpt2")
     ad = make_random_adapter(loaded, r=4, alpha=32, seed=5)
-    report = verify_backends(loaded, [ad], onnx_path=out, shapes=[(2, 12)])
+    report = verify_backends(loaded, [ad], BackendCheck(onnx_path=out, shapes=[(2, 12)]))
     assert report.passed, report.summary()
     stats = report.cases[0].outputs[0]
     assert stats.criteria == {"cosine": 0.99, "top1": 0.9} and stats.max_abs > 1e-4  # not 1e-4 elementwise
-    dropped = verify_backends(loaded, [ad], onnx_path=out, shapes=[(2, 12)], candidate_adapters=[])
+    dropped = verify_backends(loaded, [ad], BackendCheck(onnx_path=out, shapes=[(2, 12)]), candidate_adapters=[])
     assert not dropped.passed
 
 

@@ -11,7 +11,7 @@ from conftest import make_random_adapter
 from lora_export.errors import AdapterError, UserError
 from lora_export.export.branched import export_branched
 from lora_export.runtime import LoraSession
-from lora_export.runtime import adapters as session_mod
+from lora_export.runtime import adapter_store as session_mod
 from lora_export.verify.check import make_feeds
 
 

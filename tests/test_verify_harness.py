@@ -11,6 +11,7 @@ from conftest import make_random_adapter
 
 from lora_export.cli import cli
 from lora_export.verify.check import verify_backends, verify_graph
+from lora_export.verify.options import BackendCheck
 from lora_export.verify.parity import ParityReport
 
 SHAPES = [(2, 8), (1, 5)]
@@ -64,7 +65,7 @@ def test_passes_on_the_correct_branched_graph(gpt2_setup):
 def test_fails_when_the_candidate_drops_the_adapter(gpt2_setup):
     s = gpt2_setup
     rep = verify_backends(
-        s["loaded"], [s["adapter"]], onnx_path=s["branched"], shapes=SHAPES, candidate_adapters=[]
+        s["loaded"], [s["adapter"]], BackendCheck(onnx_path=s["branched"], shapes=SHAPES), candidate_adapters=[]
     )  # the graph runs with its rank-0 defaults: the base model
     assert not rep.passed
     assert not any(c.passed for c in rep.cases)
@@ -84,7 +85,7 @@ def test_fails_on_a_perturbed_weight_and_keeps_the_inputs(gpt2_setup, tmp_path):
     bad = tmp_path / "perturbed.onnx"
     perturbed_copy(s["branched"], bad)
     keep = tmp_path / "failing"
-    rep = verify_backends(s["loaded"], [s["adapter"]], onnx_path=bad, shapes=SHAPES, save_inputs=keep)
+    rep = verify_backends(s["loaded"], [s["adapter"]], BackendCheck(onnx_path=bad, shapes=SHAPES, save_inputs=keep))
     assert not rep.passed
     failing = [c for c in rep.cases if not c.passed]
     assert failing and len(rep.artifacts) == 2 * len(failing)
@@ -97,9 +98,8 @@ def test_fails_on_a_perturbed_weight_and_keeps_the_inputs(gpt2_setup, tmp_path):
 
 def test_graph_vs_graph_and_torch_as_candidate(gpt2_setup):
     s = gpt2_setup
-    rep = verify_backends(
-        s["loaded"], [s["adapter"]], reference="ort", candidate="torch", onnx_path=s["branched"], shapes=SHAPES
-    )
+    check = BackendCheck(reference="ort", candidate="torch", onnx_path=s["branched"], shapes=SHAPES)
+    rep = verify_backends(s["loaded"], [s["adapter"]], check)
     assert rep.passed and rep.reference.startswith("ort:") and rep.candidate.startswith("torch+peft")
     assert rep.checks["adapter_effect"]["passed"]
 

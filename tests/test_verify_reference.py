@@ -159,6 +159,7 @@ def test_a_reader_that_misreads_the_scale_is_caught_end_to_end(sample_cache, tmp
 def test_bank_of_five_checks_every_adapter(sample_cache, tmp_path):
     from lora_export.export.branched import export_branched
     from lora_export.verify.check import verify_backends, verify_graph
+    from lora_export.verify.options import BackendCheck
 
     loaded = sample_cache("gpt2")
     ads = [make_random_adapter(loaded, r=(2, 4, 8, 4, 2)[i], seed=20 + i, name=f"ad{i}") for i in range(5)]
@@ -168,9 +169,8 @@ def test_bank_of_five_checks_every_adapter(sample_cache, tmp_path):
     assert report.checks["bank_rows"] == {"adapters": 5, "no_adapter_row": True, "passed": True, "reason": ""}
     assert all(c.label.split()[1] == "batch=6" for c in report.cases)  # 5 adapters + 1 base row in each case
     # the fifth adapter is really checked: feed the graph a different one in its place and the rows disagree
-    swapped = verify_backends(
-        loaded, ads, onnx_path=graph, shapes=[(1, 4)], candidate_adapters=[*ads[:4], ads[0]], check_effect=False
-    )
+    check = BackendCheck(onnx_path=graph, shapes=[(1, 4)], check_effect=False)
+    swapped = verify_backends(loaded, ads, check, candidate_adapters=[*ads[:4], ads[0]])
     assert not swapped.passed
 
 

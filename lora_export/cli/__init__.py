@@ -15,6 +15,7 @@ def _register() -> None:
     from lora_export.cli import (  # noqa: F401
         adapters,
         bench,
+        demo,
         engine,
         export,
         generate,

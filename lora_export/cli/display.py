@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
+import click
 from rich.console import Console
 from rich.table import Table
 
@@ -135,7 +136,10 @@ def demo_summary(result) -> None:
         f"model: {result.parameters:,} parameters; each adapter {result.lora_parameters:,} LoRA parameters "
         f"({100 * result.lora_parameters / max(1, result.parameters):.1f}%)\n"
         f"folder: {result.folder} (one graph, adapters per row)\n"
-        f"ONNX Runtime vs PyTorch texts: {verdict}"
+        f"ONNX Runtime vs PyTorch texts: {verdict}\n"
+        f"[dim]a model of {result.parameters / 1e6:.2f}M parameters learns the task's form, not its facts: wrong "
+        "facts in the texts above are the model's, not the export's; the check that matters is the line "
+        "above (the ONNX folder generates what PyTorch + PEFT generate)[/dim]"
     )
 
 
@@ -176,3 +180,42 @@ def _criterion(report) -> str:
     if report.mode == "exact":
         return "text equal to PEFT's (or a float32 tie in PEFT's logits)"
     return f"|score difference| <= {report.tolerance:g}"
+
+
+def finish_generation_report(report) -> None:
+    """The generation check's table and verdict; exit 1 when it failed."""
+    rows = [
+        [
+            c.label,
+            " ".join(str(n) for n in c.prompt_lengths),
+            sum(m is None for m in c.first_mismatch),
+            len(c.first_mismatch),
+            c.max_logits_err,
+            c.agreement,
+            c.effect,
+            "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {c.reason}",
+        ]
+        for c in report.cases
+    ]
+    table(
+        f"generation: {report.new_tokens} greedy tokens vs transformers generate",
+        [
+            "case",
+            "prompt lengths",
+            "rows exact",
+            "rows",
+            "max logits err",
+            "token agreement",
+            "adapter effect",
+            "result",
+        ],
+        rows,
+    )
+    if not report.passed:
+        err.print("[red]generation check failed[/red]")
+        raise click.exceptions.Exit(1)
+    if report.quantization:
+        worst = min(c.agreement for c in report.cases)
+        out.print(f"[green]verified[/green] ({report.quantization} base): greedy-token agreement >= {worst:.3f}")
+        return
+    out.print("[green]verified[/green]: token-exact with transformers generate")

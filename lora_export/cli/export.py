@@ -1,4 +1,4 @@
-"""merge-and-export, export-branched, demo: parse, call `lora_export.api`, display."""
+"""merge-and-export, export-branched, export-decoder: parse, call `lora_export.api`, display."""
 
 from __future__ import annotations
 
@@ -145,29 +145,58 @@ def export_branched(
         _finish(outcome.report)
 
 
+@cli.command("export-decoder")
+@model_argument
+@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    help="PEFT adapter(s). merged: the one folded in; inputs/bank: packed into DIR/adapters/NAME.onnx_adapter "
+    "(NAME = the adapter directory's name) and their modules get the LoRA slots. Repeatable.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["merged", "inputs", "bank"]),
+    default="merged",
+    show_default=True,
+    help="merged: one adapter folded in. inputs: one adapter per call by name. bank: per-row adapters in a batch.",
+)
+@click.option("--targets", default=None, help="inputs/bank without --adapter: modules to give LoRA slots.")
+@click.option("--max-rank", type=click.IntRange(1), default=None, help="bank: largest adapter rank (default 16).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=click.IntRange(18, 30), default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it holds a previous export.")
+@click.option("--no-verify", is_flag=True, help="Skip the greedy generation check against transformers generate.")
+@progress_steps
+def export_decoder(model, output, adapters, layout, targets, max_rank, dtype, opset, force, no_verify, steps):
+    """A causal LM with its KV cache -> a folder ONNX Runtime GenAI and `generate` run (model.onnx,
+    genai_config.json, adapters/, tokenizer); then checks greedy tokens against transformers generate."""
+    outcome = api.export_decoder(
+        model,
+        output,
+        adapters=list(adapters),
+        layout=layout,
+        verify=not no_verify,
+        progress=steps,
+        targets=parse_targets(targets),
+        max_rank=max_rank,
+        dtype=dtype,
+        opset=opset,
+        force=force,
+    )
+    result, facts = outcome.export, outcome.export.facts
+    display.out.print(
+        f"wrote {result.path}: {facts.num_layers} layers, {facts.num_key_value_heads} KV heads x {facts.head_size}, "
+        f"vocab {facts.vocab_size}, context {facts.context_length}, layout {layout}"
+        + (f", adapters {', '.join(result.adapters)}" if result.adapters else "")
+    )
+    if outcome.report is not None:
+        display.finish_generation_report(outcome.report)
+
+
 def _finish(report) -> None:
     display.parity_table(report)
     if not report.passed:
         raise click.exceptions.Exit(1)
     display.out.print("[green]verified[/green]: the graph matches the PyTorch reference")
-
-
-@cli.command("demo")
-@click.option(
-    "-o",
-    "--output-dir",
-    "out_dir",
-    default="lora-export-demo",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="The demo's folder; a rerun replaces it (a non-empty folder the demo did not write is refused).",
-)
-@click.option("--items", type=click.IntRange(1, 200), default=40, show_default=True, help="Test items scored per row.")
-@progress_steps
-def demo(out_dir, items, steps):
-    """The trained sample (tiny GPT-2, synthetic restaurant data) and its two LoRA adapters as one ONNX bank
-    folder: base model and both adapters generate for the same input, checked against PyTorch, then scored."""
-    result = api.demo(out_dir, items=items, progress=steps)
-    display.demo_summary(result)
-    if not result.matches_torch:
-        raise click.exceptions.Exit(1)

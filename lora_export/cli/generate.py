@@ -1,4 +1,4 @@
-"""export-decoder, generate."""
+"""generate: text from a decoder folder (ONNX Runtime, our generator)."""
 
 from __future__ import annotations
 
@@ -7,101 +7,9 @@ from pathlib import Path
 
 import click
 
-from lora_export import api
-from lora_export.cli import display
 from lora_export.cli.app import cli
-from lora_export.cli.options import model_argument, parse_ints, parse_targets, progress_steps
+from lora_export.cli.options import parse_ints
 from lora_export.errors import UserError
-
-
-@cli.command("export-decoder")
-@model_argument
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option(
-    "--adapter",
-    "adapters",
-    multiple=True,
-    help="PEFT adapter(s). merged: the one folded in; inputs/bank: packed into DIR/adapters/NAME.onnx_adapter "
-    "(NAME = the adapter directory's name) and their modules get the LoRA slots. Repeatable.",
-)
-@click.option(
-    "--layout",
-    type=click.Choice(["merged", "inputs", "bank"]),
-    default="merged",
-    show_default=True,
-    help="merged: one adapter folded in. inputs: one adapter per call by name. bank: per-row adapters in a batch.",
-)
-@click.option("--targets", default=None, help="inputs/bank without --adapter: modules to give LoRA slots.")
-@click.option("--max-rank", type=click.IntRange(1), default=None, help="bank: largest adapter rank (default 16).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--opset", type=click.IntRange(18, 30), default=None, help="ONNX opset (default: the exporter's).")
-@click.option("--force", is_flag=True, help="Replace the output folder if it holds a previous export.")
-@click.option("--no-verify", is_flag=True, help="Skip the greedy generation check against transformers generate.")
-@progress_steps
-def export_decoder(model, output, adapters, layout, targets, max_rank, dtype, opset, force, no_verify, steps):
-    """A causal LM with its KV cache -> a folder ONNX Runtime GenAI and `generate` run (model.onnx,
-    genai_config.json, adapters/, tokenizer); then checks greedy tokens against transformers generate."""
-    outcome = api.export_decoder(
-        model,
-        output,
-        adapters=list(adapters),
-        layout=layout,
-        verify=not no_verify,
-        progress=steps,
-        targets=parse_targets(targets),
-        max_rank=max_rank,
-        dtype=dtype,
-        opset=opset,
-        force=force,
-    )
-    result, facts = outcome.export, outcome.export.facts
-    display.out.print(
-        f"wrote {result.path}: {facts.num_layers} layers, {facts.num_key_value_heads} KV heads x {facts.head_size}, "
-        f"vocab {facts.vocab_size}, context {facts.context_length}, layout {layout}"
-        + (f", adapters {', '.join(result.adapters)}" if result.adapters else "")
-    )
-    if outcome.report is not None:
-        finish_generation_report(outcome.report)
-
-
-def finish_generation_report(report) -> None:
-    rows = [
-        [
-            c.label,
-            " ".join(str(n) for n in c.prompt_lengths),
-            sum(m is None for m in c.first_mismatch),
-            len(c.first_mismatch),
-            c.max_logits_err,
-            c.agreement,
-            c.effect,
-            "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {c.reason}",
-        ]
-        for c in report.cases
-    ]
-    display.table(
-        f"generation: {report.new_tokens} greedy tokens vs transformers generate",
-        [
-            "case",
-            "prompt lengths",
-            "rows exact",
-            "rows",
-            "max logits err",
-            "token agreement",
-            "adapter effect",
-            "result",
-        ],
-        rows,
-    )
-    if not report.passed:
-        display.err.print("[red]generation check failed[/red]")
-        raise click.exceptions.Exit(1)
-    if report.quantization:
-        worst = min(c.agreement for c in report.cases)
-        display.out.print(
-            f"[green]verified[/green] ({report.quantization} base): greedy-token agreement >= {worst:.3f}"
-        )
-        return
-    display.out.print("[green]verified[/green]: token-exact with transformers generate")
 
 
 @cli.command("generate")

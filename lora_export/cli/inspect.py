@@ -11,13 +11,14 @@ from lora_export.cli.options import echo_json
 
 
 @cli.command("inspect")
-@click.argument("target", metavar="MODEL|ADAPTER|GRAPH.onnx")
+@click.argument("target", metavar="MODEL|ADAPTER|GRAPH.onnx|DECODER_DIR")
 @click.option(
     "--model", "base_model", default=None, help="For an adapter: the base model, to report the trainable fraction."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def inspect(target, base_model, as_json):
-    """Adapted modules, ranks, scaling, parameter counts and the trainable fraction."""
+    """Adapted modules, ranks, scaling, parameter counts and the trainable fraction; for a graph or a decoder
+    folder its layout, shape, LoRA slots, packed adapters and ops."""
     info = api.inspect(target, base_model=base_model)
     if as_json:
         echo_json(info)

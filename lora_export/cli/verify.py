@@ -21,6 +21,7 @@ from lora_export.cli.options import (
     write_json_report,
 )
 from lora_export.errors import UserError
+from lora_export.verify.options import BackendCheck, GenerationCheck, TaskCheck
 
 BACKEND_CHOICES = click.Choice(["torch", "ort", "trt"])
 
@@ -136,85 +137,79 @@ def verify(
     folder's text differs from PEFT's, or a quantized folder's score differs by more than --tolerance.
     """
     if task is not None:
-        return _verify_task(model, onnx_path, task, split, limit, tolerance, adapters, json_path)
+        if onnx_path is None:
+            raise UserError(f"--task {task} scores a decoder folder: pass --onnx FOLDER (written by export-decoder)")
+        check = TaskCheck(task=task, split=split or "test", limit=limit, tolerance=tolerance)
+        return _verify_task(model, onnx_path, adapters, check, json_path)
     given = [flag for flag, v in (("--split", split), ("--limit", limit), ("--tolerance", tolerance)) if v is not None]
     if given:
         need = "needs" if len(given) == 1 else "need"
         raise UserError(f"{', '.join(given)} {need} --task: add --task e2e (and --onnx DECODER_FOLDER)")
     if onnx_path is not None and Path(onnx_path).is_dir():
-        return _verify_decoder(model, onnx_path, adapters, atol, seeds, shapes, new_tokens, json_path, allow_nonfinite)
+        tol = parse_per_output(atol, "--atol")
+        generation = GenerationCheck(
+            new_tokens=new_tokens,
+            shapes=parse_shapes(shapes),
+            seeds=parse_ints(seeds, "--seeds"),
+            atol=next(iter(tol.values()), None),
+        )
+        return _verify_generation(model, onnx_path, adapters, generation, json_path, allow_nonfinite)
     candidate = candidate or ("trt" if engine_path else "ort")
     if "ort" in (reference, candidate) and onnx_path is None:
         raise UserError("the ort backend needs the graph: pass --onnx PATH")
     if "trt" in (reference, candidate) and engine_path is None:
         raise UserError("the trt backend needs an engine: pass --engine PLAN (see build-engine)")
     probe_writable(json_path)  # a report that cannot be written fails now, not after the run
-    seed_list = parse_ints(seeds, "--seeds")
-    shape_list = sweep_shapes(shapes, batches, seqs)
+    check = BackendCheck(
+        reference=reference,
+        candidate=candidate,
+        onnx_path=onnx_path,
+        engine_path=engine_path,
+        atol=parse_per_output(atol, "--atol"),
+        rtol=parse_per_output(rtol, "--rtol"),
+        seeds=parse_ints(seeds, "--seeds"),
+        shapes=sweep_shapes(shapes, batches, seqs),
+        providers=list(providers) or None,
+        check_effect=not no_effect_check,
+        oracle=oracle,
+        by_layer=by_layer,
+        save_inputs=save_inputs,
+    )
+    _verify_backends(model, adapters, check, json_path, allow_nonfinite)
+
+
+def _verify_backends(model, adapters, check: BackendCheck, json_path, allow_nonfinite) -> None:
+    """One backend against another on seeded inputs and shapes."""
+    label = f"{check.candidate} vs {check.reference}"
     with display.progress_bars() as progress:
         report = api.verify(
             model,
-            onnx_path,
             adapters=list(adapters),
             allow_nonfinite=allow_nonfinite,
-            reference=reference,
-            candidate=candidate,
-            engine_path=engine_path,
-            atol=parse_per_output(atol, "--atol"),
-            rtol=parse_per_output(rtol, "--rtol"),
-            seeds=seed_list,
-            shapes=shape_list,
-            providers=list(providers) or None,
-            check_effect=not no_effect_check,
-            oracle=oracle,
-            by_layer=by_layer,
-            save_inputs=save_inputs,
-            on_case=lambda d, n: progress(f"{candidate} vs {reference}", d, n),
+            check=check,
+            on_case=lambda d, n: progress(label, d, n),
         )
     write_json_report(json_path, report.to_dict())
     display.parity_table(report)
     if report.artifacts:
-        display.err.print(f"failing inputs kept in {save_inputs} ({len(report.artifacts)} files)")
+        display.err.print(f"failing inputs kept in {check.save_inputs} ({len(report.artifacts)} files)")
     if not report.passed:
         display.err.print("[red]verification failed[/red]")
         raise click.exceptions.Exit(1)
     display.out.print("[green]verified[/green]")
 
 
-def _verify_decoder(model, folder, adapters, atol, seeds, shapes, new_tokens, json_path, allow_nonfinite) -> None:
+def _verify_generation(model, folder, adapters, check: GenerationCheck, json_path, allow_nonfinite) -> None:
     """Greedy tokens of a decoder folder vs transformers generate (shapes: ROWSxLONGEST_PROMPT)."""
-    from lora_export.cli.generate import finish_generation_report
-
-    tol = parse_per_output(atol, "--atol")
-    report = api.verify_generation(
-        model,
-        folder,
-        adapters=list(adapters),
-        allow_nonfinite=allow_nonfinite,
-        new_tokens=new_tokens,
-        shapes=parse_shapes(shapes),
-        seeds=parse_ints(seeds, "--seeds"),
-        atol=next(iter(tol.values()), None),
-    )
+    report = api.verify_generation(model, folder, adapters=list(adapters), allow_nonfinite=allow_nonfinite, check=check)
     write_json_report(json_path, report.to_dict())
-    finish_generation_report(report)
+    display.finish_generation_report(report)
 
 
-def _verify_task(model, folder, task, split, limit, tolerance, adapters, json_path) -> None:
+def _verify_task(model, folder, adapters, check: TaskCheck, json_path) -> None:
     """--task: the folder's task scores next to PyTorch + PEFT's on the same items."""
-    if folder is None:
-        raise UserError(f"--task {task} scores a decoder folder: pass --onnx FOLDER (written by export-decoder)")
     with display.Steps() as steps:
-        report = api.verify_task(
-            model,
-            folder,
-            task=task,
-            split=split or "test",
-            limit=limit,
-            adapters=list(adapters),
-            tolerance=tolerance,
-            progress=steps,
-        )
+        report = api.verify_task(model, folder, adapters=list(adapters), check=check, progress=steps)
     write_json_report(json_path, report.to_dict())
     display.task_table(report)
     if not report.passed:

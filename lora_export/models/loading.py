@@ -42,10 +42,6 @@ class LoadedModel:
     checkpoint: Path | None = None  # lazy: the safetensors directory holding the weights
     rebuild: Callable[[], LoadedModel] | None = None  # lazy: makes this model with its weights
 
-    @property
-    def is_lazy(self) -> bool:
-        return self.rebuild is not None
-
     def materialized(self) -> LoadedModel:
         """This model with its weights: itself, or (lazy) a freshly loaded one the caller owns."""
         return self.rebuild() if self.rebuild is not None else self

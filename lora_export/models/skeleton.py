@@ -47,10 +47,6 @@ def meta_parameter(like: torch.Tensor, dtype: torch.dtype | None = None) -> nn.P
     )
 
 
-def has_meta_parameters(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
-
-
 def shared_module(module: nn.Module) -> nn.Module:
     """A new module tree over the same parameter and buffer tensors (no weight is copied)."""
     memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}

@@ -58,7 +58,7 @@ from lora_export.contract import (
 )
 from lora_export.errors import UserError
 from lora_export.runtime import batch as batch_mod
-from lora_export.runtime.adapters import AdapterStore
+from lora_export.runtime.adapter_store import AdapterStore
 from lora_export.runtime.batch import Batch
 from lora_export.runtime.sampling import SamplingParams, pick_rows
 

@@ -23,7 +23,7 @@ from lora_export.artifacts.onnxio import InitializerReader
 from lora_export.backends.onnxrt import feedable_names, open_session
 from lora_export.contract import ADAPTER_INDEX, BANK, MERGED, SlotTable, check_bank_index, is_lora_input
 from lora_export.errors import UserError
-from lora_export.runtime.adapters import AdapterStore
+from lora_export.runtime.adapter_store import AdapterStore
 
 
 class LoraSession:

@@ -29,8 +29,8 @@ from lora_export.serving.registry import AdapterTable
 @serve.deployment(name="engine")
 class EngineDeployment:
     def __init__(self, config: ServeConfig):
-        from lora_export.serving.engine import ServeEngine
         from lora_export.serving.model import open_served_model
+        from lora_export.serving.replica import ServeEngine
 
         model, tokenizer = open_served_model(
             config.folder, threads=config.threads, step_delay_ms=config.step_delay_ms

@@ -35,6 +35,7 @@ from lora_export.verify.by_layer import (
     jit_module,
     needs_by_layer,
 )
+from lora_export.verify.options import BackendCheck
 from lora_export.verify.parity import QUANTIZED_CRITERIA, ParityReport, adapter_effect, compare_outputs
 from lora_export.verify.peft_reference import PeftSide, resolve_oracle
 
@@ -260,23 +261,10 @@ def save_case(
 def verify_backends(
     loaded: LoadedModel,
     adapters: list[Adapter],
+    check: BackendCheck | None = None,
     *,
-    reference: str = "torch",
-    candidate: str = "ort",
-    onnx_path: str | Path | None = None,
-    engine_path: str | Path | None = None,
-    shapes: list[tuple[int, int]] | None = None,
-    seeds: list[int] = (0,),
-    atol: dict[str, float] | None = None,
-    rtol: dict[str, float] | None = None,
-    providers: list[str] | None = None,
-    check_effect: bool = True,
-    save_inputs: str | Path | None = None,
     candidate_adapters: list[Adapter] | None = None,
     on_case=None,
-    oracle: str = "auto",
-    criteria: dict | None = None,
-    by_layer: bool | None = None,
 ) -> ParityReport:
     """Compare `candidate` with `reference` on every (seed, shape); see the module docstring.
 
@@ -286,15 +274,25 @@ def verify_backends(
     The backends run one after the other (PyTorch first), each over every case, and the outputs are compared
     at the end: only one copy of the weights is in memory at a time (a lazily loaded model is loaded for its
     turn and released after it).
-    `oracle`: whose LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
-    `by_layer`: run each side one piece of the model at a time (`verify.by_layer`), for a model whose weights do
+    `check.oracle`: whose LoRA the torch side runs ("auto": PEFT when installed, "peft", "lora-export").
+    `check.by_layer`: run each side one piece of the model at a time (`verify.by_layer`), for a model whose weights do
     not fit in memory; None: when they would not (a lazily loaded model directory only). `report.method` says
     which way it ran.
 
     A quantized ONNX graph (int8/int4 base) is judged on agreement, not elementwise error: `criteria`
-    (default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
+    (`check.criteria`, default `QUANTIZED_CRITERIA[scheme]`: cosine and top-1 agreement per output); its adapter-effect
     check weighs the adapter's effect against the mean abs error (quantization noise), not the max.
     """
+    c = check or BackendCheck()
+    reference, candidate, onnx_path, engine_path = c.reference, c.candidate, c.onnx_path, c.engine_path
+    shapes, seeds, atol, rtol, providers = c.shapes, c.seeds, c.atol, c.rtol, c.providers
+    check_effect, save_inputs, oracle, criteria, by_layer = (
+        c.check_effect,
+        c.save_inputs,
+        c.oracle,
+        c.criteria,
+        c.by_layer,
+    )
     if reference == candidate:
         raise UserError(f"reference and candidate are both {reference!r}: compare two different backends")
     shapes = shapes or DEFAULT_SHAPES
@@ -388,11 +386,7 @@ def verify_graph(
     by_layer: bool | None = None,
 ) -> ParityReport:
     """ONNX Runtime on `onnx_path` against the PyTorch reference (the export path's check)."""
-    return verify_backends(
-        loaded,
-        adapters,
-        reference="torch",
-        candidate="ort",
+    check = BackendCheck(
         onnx_path=onnx_path,
         shapes=shapes,
         seeds=seeds,
@@ -403,6 +397,7 @@ def verify_graph(
         oracle=oracle,
         by_layer=by_layer,
     )
+    return verify_backends(loaded, adapters, check)
 
 
 def _lora_feeds(slots: SlotTable, adapters: list[Adapter]) -> dict[str, np.ndarray]:

@@ -84,14 +84,6 @@ def format_mr(fields: dict[str, str]) -> str:
     return " | ".join(f"{k}[{v}]" for k, v in fields.items())
 
 
-def parse_mr(mr: str) -> dict[str, str]:
-    out = {}
-    for part in mr.split(" | "):
-        key, _, rest = part.partition("[")
-        out[key] = rest[:-1]
-    return out
-
-
 def prompt(mr: str) -> str:
     """The text a model is given: the MR and the separator."""
     return mr + SEPARATOR
