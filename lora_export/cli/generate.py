@@ -16,6 +16,7 @@ from lora_export.errors import UserError
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--prompt", default=None, help="Prompt text (needs the tokenizer files in the folder).")
 @click.option("--prompt-ids", default=None, help="Prompt token ids, comma-separated: 1,2,3.")
+@click.option("--chat", is_flag=True, help="--prompt is a user message: apply the folder's chat template to it.")
 @click.option(
     "--adapter", default=None, help="An adapter of the folder (adapters/NAME.onnx_adapter) by NAME, or a PATH to load."
 )
@@ -32,6 +33,7 @@ def generate(
     folder,
     prompt,
     prompt_ids,
+    chat,
     adapter,
     max_new_tokens,
     temperature,
@@ -48,8 +50,13 @@ def generate(
 
     if (prompt is None) == (prompt_ids is None):
         raise UserError("give --prompt TEXT or --prompt-ids 1,2,3 (one of them)")
+    if chat and prompt is None:
+        raise UserError("--chat templates a text message: give it as --prompt TEXT")
     with Generator(folder, threads=threads) as gen:
-        ids = gen.encode(prompt) if prompt is not None else parse_ints(prompt_ids, "--prompt-ids")
+        if chat:
+            ids = gen.encode_chat([{"role": "user", "content": prompt}])
+        else:
+            ids = gen.encode(prompt) if prompt is not None else parse_ints(prompt_ids, "--prompt-ids")
         name = _adapter_name(gen, adapter)
         knobs = dict(
             max_new_tokens=max_new_tokens,

