@@ -13,6 +13,7 @@ from peft_oracle import add_peft_adapter, build_peft, peft_forward, peft_with, s
 from lora_export.adapters import read_adapter
 from lora_export.adapters.adapter import Adapter, ModuleLora
 from lora_export.adapters.pack import pack_adapter
+from lora_export.artifacts.onnxio import read_manifest
 from lora_export.errors import AdapterError, UserError
 from lora_export.export.branched import export_branched
 from lora_export.runtime import LoraSession
@@ -108,11 +109,17 @@ def test_adapter_targeting_some_modules(setups, tmp_path):
         _close(sess.run(feeds, adapter="partial"), peft_forward(pm, loaded, feeds))
 
 
+@pytest.mark.parametrize("formulation", ["dense", "gather"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
-def test_bank_mixed_batch_matches_peft_row_by_row(setups, arch, tmp_path):
+def test_bank_mixed_batch_matches_peft_row_by_row(setups, arch, formulation, tmp_path):
     s = setups[arch]
     adapters = [read_adapter(s["dirs"][n], name=n) for n in ("x", "y", "z")]
-    graph = export_branched(s["loaded"], tmp_path / "bank.onnx", adapters=adapters, layout="bank", max_rank=16).path
+    graph = export_branched(
+        s["loaded"], tmp_path / "bank.onnx", adapters=adapters, layout="bank", max_rank=16, bank_formulation=formulation
+    ).path
+    assert read_manifest(graph).extra["bank_formulation"] == formulation
+    gathers = sum(n.op_type == "Gather" for n in onnx.load(str(graph), load_external_data=False).graph.node)
+    assert gathers >= (2 * len(TARGETS[arch]) * 2 if formulation == "gather" else 0)  # each row's A and B per slot
     rows = ["x", None, "z", "y", "x", None]
     feeds = make_feeds(s["loaded"], len(rows), 10, 5)
     with LoraSession(graph) as sess:

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_export.adapters.adapter import ModuleLora
-from lora_export.contract import BANK_KIND, INPUTS, bank_names, dora_name, weight_names
+from lora_export.contract import (
+    BANK_FORMULATIONS,
+    BANK_KIND,
+    DENSE,
+    GATHER,
+    INPUTS,
+    bank_names,
+    dora_name,
+    weight_names,
+)
 from lora_export.errors import AdapterError
 
 
@@ -63,10 +72,15 @@ class BranchFeed:
     bank layout:   `tensors` holds `bank_names(P)`: A `[N, in, R]`, B `[N, R, out]`, `dora_name(P, "bank")`
                    `[N, out]` for DoRA slots; `slot_mask` `[batch, N*R]` (1 where the slot belongs to the row's
                    adapter) and `index` `[batch]` (the row's adapter, -1 = none).
+    `formulation` (bank): `dense` (the masked concatenation) or `gather` (each row's own A and B, batched
+    matmul; embedding slots stay dense).
     """
 
-    def __init__(self, layout: str = INPUTS):
+    def __init__(self, layout: str = INPUTS, formulation: str = DENSE):
+        if formulation not in BANK_FORMULATIONS:
+            raise ValueError(f"unknown bank formulation {formulation!r}")
         self.layout = layout
+        self.formulation = formulation
         self.tensors: dict[str, torch.Tensor] = {}
         self.slot_mask: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
@@ -78,12 +92,23 @@ class BranchFeed:
             return lookup(x, self.tensors[a_name]) @ self.tensors[b_name]  # (B, T, r) -> (B, T, out)
         a_name, b_name = bank_names(path)
         a_bank, b_bank = self.tensors[a_name], self.tensors[b_name]  # (N, in, R), (N, R, out)
+        if self.formulation == GATHER and not embedding:
+            return self._gathered(x, a_bank, b_bank)
         n, d_in, rank = a_bank.shape
         a_cat = a_bank.permute(1, 0, 2).reshape(d_in, n * rank)  # (in, N*R)
         b_cat = b_bank.reshape(n * rank, b_bank.shape[-1])  # (N*R, out)
         h = lookup(x, a_cat)  # (B, T, N*R)
         mask = self.slot_mask.reshape(self.slot_mask.shape[0], *([1] * (h.dim() - 2)), -1)
         return (h * mask) @ b_cat  # other adapters' rank slots zeroed per row
+
+    def _gathered(self, x: torch.Tensor, a_bank: torch.Tensor, b_bank: torch.Tensor) -> torch.Tensor:
+        """Each row's own A `[in, R]` and B `[R, out]`, gathered by index; a zero adapter in front serves -1 (and
+        an empty bank), so the cost per row does not depend on how many adapters the bank holds."""
+        index = self.index + 1
+        a_rows = torch.cat([torch.zeros_like(a_bank[:1]), a_bank]).index_select(0, index)  # (B, in, R)
+        b_rows = torch.cat([torch.zeros_like(b_bank[:1]), b_bank]).index_select(0, index)  # (B, R, out)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, L, in)
+        return (rows @ a_rows @ b_rows).reshape(*x.shape[:-1], b_bank.shape[-1])
 
     def dora_scale(self, path: str, like: torch.Tensor) -> torch.Tensor | None:
         """DoRA's g for this forward, shaped to broadcast over `like` (B, ..., out); None for a slot without."""

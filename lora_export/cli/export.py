@@ -8,6 +8,7 @@ from lora_export import api
 from lora_export.cli import display
 from lora_export.cli.app import cli
 from lora_export.cli.options import (
+    bank_formulation_option,
     by_layer_option,
     export_options,
     model_argument,
@@ -96,6 +97,7 @@ def merge_and_export(
     help="Comma-separated modules (e.g. classifier) whose parameters become adapter inputs, as PEFT's "
     "modules_to_save (automatic for the --adapter's own).",
 )
+@bank_formulation_option
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
 @export_options
 @shape_options
@@ -110,6 +112,7 @@ def export_branched(
     max_rank,
     dora,
     modules_to_save,
+    bank_formulation,
     output,
     opset,
     dtype,
@@ -138,6 +141,7 @@ def export_branched(
         seq=seq_len,
         dora=dora,
         saved_modules=[m.strip() for m in modules_to_save.split(",") if m.strip()] if modules_to_save else None,
+        bank_formulation=bank_formulation,
     )
     result = outcome.export
     display.out.print(f"wrote {result.path}: {len(result.manifest.lora_modules)} LoRA slots, layout {layout}")
@@ -164,12 +168,15 @@ def export_branched(
 )
 @click.option("--targets", default=None, help="inputs/bank without --adapter: modules to give LoRA slots.")
 @click.option("--max-rank", type=click.IntRange(1), default=None, help="bank: largest adapter rank (default 16).")
+@bank_formulation_option
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=click.IntRange(18, 30), default=None, help="ONNX opset (default: the exporter's).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it holds a previous export.")
 @click.option("--no-verify", is_flag=True, help="Skip the greedy generation check against transformers generate.")
 @progress_steps
-def export_decoder(model, output, adapters, layout, targets, max_rank, dtype, opset, force, no_verify, steps):
+def export_decoder(
+    model, output, adapters, layout, targets, max_rank, bank_formulation, dtype, opset, force, no_verify, steps
+):
     """A causal LM with its KV cache -> a folder ONNX Runtime GenAI and `generate` run (model.onnx,
     genai_config.json, adapters/, tokenizer); then checks greedy tokens against transformers generate."""
     outcome = api.export_decoder(
@@ -181,6 +188,7 @@ def export_decoder(model, output, adapters, layout, targets, max_rank, dtype, op
         progress=steps,
         targets=parse_targets(targets),
         max_rank=max_rank,
+        bank_formulation=bank_formulation,
         dtype=dtype,
         opset=opset,
         force=force,

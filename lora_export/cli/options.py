@@ -7,6 +7,7 @@ import json
 
 import click
 
+from lora_export.contract import BANK_FORMULATIONS, DENSE
 from lora_export.errors import UserError
 
 
@@ -138,3 +139,15 @@ def progress_steps(f):
             return f(*args, steps=steps, **kwargs)
 
     return wrapper
+
+
+bank_formulation_option = click.option(
+    "--bank-formulation",
+    type=click.Choice(list(BANK_FORMULATIONS)),
+    default=DENSE,
+    show_default=True,
+    help="bank: how each row's branch is computed from the same inputs. dense: one matmul over every adapter's "
+    "rank slots (fastest with few distinct adapters per batch); gather: each row's own A and B (cost per row "
+    "independent of the number of adapters; for many adapters per batch).",
+)
+

@@ -71,10 +71,13 @@ from lora_export.contract.manifest import (  # noqa: F401
 from lora_export.contract.names import (  # noqa: F401
     ADAPTER_INDEX,
     BANK,
+    BANK_FORMULATIONS,
     BANK_KIND,
     CONV1D,
+    DENSE,
     DORA_SCALE,
     EMBEDDING,
+    GATHER,
     IN_OUT,
     INPUTS,
     LAYOUTS,

@@ -15,6 +15,12 @@ NUM_ADAPTERS_DIM = "num_adapters"
 
 MERGED, INPUTS, BANK = "merged", "inputs", "bank"
 LAYOUTS = (INPUTS, BANK)  # layouts of a branched graph
+# How a bank graph computes each row's branch from the same inputs (the feeds do not change):
+# dense: the N adapters' A concatenated along r, a per-row rank-slot mask, one matmul with the concatenated B
+#        (cost per row grows with N); gather: each row's A and B gathered by `adapter_index`, a batched matmul
+#        (cost per row independent of N).
+DENSE, GATHER = "dense", "gather"
+BANK_FORMULATIONS = (DENSE, GATHER)
 
 A, B = "A", "B"
 WEIGHT, BANK_KIND = "weight", "bank"

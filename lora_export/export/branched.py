@@ -39,8 +39,10 @@ from lora_export.artifacts.onnxio import write_manifest
 from lora_export.contract import (
     ADAPTER_INDEX,
     BANK,
+    BANK_FORMULATIONS,
     BANK_KIND,
     CONV1D,
+    DENSE,
     EMBEDDING,
     IN_OUT,
     INPUTS,
@@ -284,6 +286,16 @@ class Wiring:
             model.metadata_props[SLOTS_METADATA] = json.dumps({s.path: s.metadata() for s in slots}, sort_keys=True)
 
 
+BANK_FORMULATION_KEY = "bank_formulation"  # the manifest's record of how a bank graph computes its rows
+
+
+def check_bank_formulation(layout: str, formulation: str) -> None:
+    if formulation not in BANK_FORMULATIONS:
+        raise UserError(f"unknown bank formulation {formulation!r}: choose {' or '.join(BANK_FORMULATIONS)}")
+    if formulation != DENSE and layout != BANK:
+        raise UserError(f"--bank-formulation {formulation} is for --layout bank, not {layout}")
+
+
 def lora_wiring(
     loaded: LoadedModel,
     adapters: list[Adapter],
@@ -336,10 +348,13 @@ def export_branched(
     seq: int = 16,
     dora: bool = False,
     saved_modules: list[str] | None = None,
+    bank_formulation: str = DENSE,
     on_write: OnWrite | None = None,
 ) -> ExportResult:
-    """Export with LoRA slots for `adapters`' modules (or `targets`); weights streamed as in `export_merged`."""
+    """Export with LoRA slots for `adapters`' modules (or `targets`); weights streamed as in `export_merged`.
+    `bank_formulation` (bank layout): `dense` or `gather` (`contract.BANK_FORMULATIONS`)."""
     adapters = list(adapters)
+    check_bank_formulation(layout, bank_formulation)
     wiring = lora_wiring(
         loaded, adapters, targets, layout, max_rank, dtype, batch, dora=dora, saved_modules=saved_modules
     )
@@ -348,13 +363,15 @@ def export_branched(
     if plan is not None:
         check_disk_space(Path(out), plan.weight_bytes(work.module) + wiring.default_bytes())
     out = check_output_path(out, force)
-    feed = BranchFeed(layout)
+    feed = BranchFeed(layout, bank_formulation)
     wiring.attach(work.module, feed)
     model = trace_mod.trace(
         work, extra=wiring.extra, feed=feed, batch=max(batch, 2), seq=seq, opset=opset, dtype=torch_dtype, weights=plan
     )
     wiring.finish(work.module, model)
     manifest = build_manifest(f"branched-{layout}", loaded, model, adapters=adapters, dtype=dtype, slots=wiring.table)
+    if layout == BANK:
+        manifest.extra[BANK_FORMULATION_KEY] = bank_formulation
     with all_or_nothing() as files:  # the graph and its manifest, or neither
         files += trace_mod.save(model, out, on_write=on_write)
         write_manifest(out, manifest)

@@ -37,8 +37,10 @@ from lora_export.artifacts.decoder_folder import (
 from lora_export.artifacts.fileio import atomic_dir, write_json
 from lora_export.artifacts.onnxio import ir_initializers, write_manifest
 from lora_export.contract import (
+    BANK,
     BATCH_DIM,
     DECODER_LAYOUTS,
+    DENSE,
     MERGED,
     PAST_SEQUENCE_DIM,
     SEQUENCE_DIM,
@@ -50,7 +52,7 @@ from lora_export.contract import (
 )
 from lora_export.errors import UserError
 from lora_export.export import trace as trace_mod
-from lora_export.export.branched import lora_wiring
+from lora_export.export.branched import BANK_FORMULATION_KEY, check_bank_formulation, lora_wiring
 from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inputs, probe
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import merged_work
@@ -105,6 +107,7 @@ def export_decoder(
     dtype: str = "fp32",
     opset: int | None = None,
     force: bool = False,
+    bank_formulation: str = DENSE,
     on_write: OnWrite | None = None,
 ) -> DecoderExport:
     """Write the decoder folder `out` for `loaded` with `adapters` in `layout`. Weights are streamed as in
@@ -114,6 +117,7 @@ def export_decoder(
     adapters = list(adapters)
     check_causal_lm(loaded.module, loaded.arch, loaded.source)
     _check_request(out, adapters, layout, force)
+    check_bank_formulation(layout, bank_formulation)
     torch_dtype = contract.torch_dtype(dtype)
     facts = probe(loaded.module, loaded.source)
     wiring, feed = None, None
@@ -126,7 +130,7 @@ def export_decoder(
         lora_bytes = wiring.default_bytes() if wiring is not None else 0
         check_disk_space(out / MODEL_NAME, plan.weight_bytes(work.module) + lora_bytes)
     if wiring is not None:
-        feed = BranchFeed(layout)
+        feed = BranchFeed(layout, bank_formulation)
         wiring.attach(work.module, feed)
     extra, table = (wiring.extra, wiring.table) if wiring is not None else ([], None)
     view = decoder_view(work, facts, torch_dtype)
@@ -139,6 +143,8 @@ def export_decoder(
     manifest = build_manifest(decoder_kind(layout), view, model, adapters=adapters, dtype=dtype, slots=table)
     manifest.model = {"source": loaded.source, "arch": loaded.arch}
     manifest.extra[DECODER_KEY] = facts.to_dict()
+    if layout == BANK:
+        manifest.extra[BANK_FORMULATION_KEY] = bank_formulation
     search = search_defaults(getattr(loaded.module, "generation_config", None))
     packed: dict[str, Path] = {}
     with atomic_dir(out, replaceable=_WRITTEN if force else ()) as tmp:
