@@ -6,7 +6,7 @@ Part of `tools/benchmarks.py` (which exports the folders and adds these goals to
     python tools/bench_generation.py --quick                 # the tiny sample: checks it runs
 
 Candidates, each one whole greedy generation per call (eos ignored, so every call makes the same number of
-tokens), timed together by `lora_export.verify.latency.measure` with per-token marks (`StepTimes`):
+tokens), timed together by `lora_export.bench.latency.measure` with per-token marks (`StepTimes`):
 
 - batch 1: PyTorch `generate` with its KV cache; our merged decoder (IO binding, and plain numpy feeds for
   contrast); our inputs-layout decoder with an adapter; ONNX Runtime GenAI on the merged folder. The old path
@@ -96,9 +96,9 @@ def measure_generation(
     from transformers import GenerationConfig
 
     from lora_export.backends.onnxrt import open_session
+    from lora_export.bench.latency import Candidate, StepTimes, measure, summarize
     from lora_export.contract import ATTENTION_MASK, INPUT_IDS, LOGITS
     from lora_export.runtime import Generator
-    from lora_export.verify.latency import Candidate, StepTimes, measure, summarize
 
     bench = GenerationBench()
     vocab = loaded.module.config.vocab_size
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> GenerationBench:
     args = p.parse_args(argv)
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
+    from lora_export.bench.latency import set_threads
     from lora_export.models import load_model
-    from lora_export.verify.latency import set_threads
 
     set_threads(args.threads)  # PyTorch's intra-op threads, as ONNX Runtime's
     loaded = load_model("sample:gpt2" if args.quick else "sample:gpt2-small")

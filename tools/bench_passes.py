@@ -3,7 +3,7 @@
     python tools/bench_passes.py                       # sample:gpt2-small, batch 1, seq 128
     python tools/bench_passes.py --model sample:gpt2 --iters 10   # seconds: checks the script runs
 
-Measures (medians of interleaved runs, `lora_export.verify.latency.measure`):
+Measures (medians of interleaved runs, `lora_export.bench.latency.measure`):
 
 1. optimized branched graph vs the unoptimized branched graph (adapter r=8 on c_attn fed to both);
 2. optimized merged graph (default pipeline, and with `--target ort`) vs PyTorch eager on the same merged
@@ -64,14 +64,14 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
     from lora_export.adapters.synthetic import random_adapter
     from lora_export.backends.torch_runner import TorchRunner
+    from lora_export.bench.graph_timing import measure_graphs
+    from lora_export.bench.latency import Candidate
+    from lora_export.bench.sweep import merged_copy
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model
     from lora_export.passes.contract import lora_node_count
     from lora_export.passes.pipeline import optimize_file
-    from lora_export.verify.bench import merged_copy
-    from lora_export.verify.graphs import measure_graphs
-    from lora_export.verify.latency import Candidate
 
     out: dict = {
         "command": "python tools/bench_passes.py " + " ".join(sys.argv[1:]),

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lora_export.verify.latency import Candidate, measure, percentile  # noqa: E402
+from lora_export.bench.latency import Candidate, measure, percentile  # noqa: E402
 
 ADAPTERS = 4
 

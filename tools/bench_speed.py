@@ -63,7 +63,7 @@ def _generators(folders, threads):
 
 
 def _prefill(gens, vocab: int, iters: int, warmup: int):
-    from lora_export.verify.latency import Candidate, measure
+    from lora_export.bench.latency import Candidate, measure
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, vocab, size=PROMPT_PREFILL).tolist() for _ in range(3)]
@@ -84,7 +84,7 @@ def _prefill(gens, vocab: int, iters: int, warmup: int):
 
 def _decode(gens, vocab: int, reps: int, new_tokens: int):
     """Per candidate: ms per decode step (pooled over `reps` generations) and its greedy tokens (first rep)."""
-    from lora_export.verify.latency import Candidate, measure, summarize
+    from lora_export.bench.latency import Candidate, measure, summarize
 
     rng = np.random.default_rng(1)
     samples = {name: [] for name in gens}
@@ -161,8 +161,8 @@ def run_speed(suite, args, work: Path, log, Goal) -> None:
     """Append the speed goals, latency rows and timings to `suite` (see the module docstring)."""
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
+    from lora_export.bench.latency import ratio
     from lora_export.models import load_model
-    from lora_export.verify.latency import ratio
 
     loaded = load_model(args.model)
     x = random_adapter(loaded.module, LoraSpec(r=8, alpha=16, target_modules=["c_attn"]), seed=0, name="x")

@@ -16,7 +16,7 @@ What it measures (ONNX Runtime CPU, r = 8 on `c_attn`, batch 1 / seq 128 unless 
 The `issue` column of the goal table numbers these areas in the project's tracker (2 merged export, 3
 branched/bank/serving, 4 passes, 5 TensorRT).
 
-Latencies at one shape are timed together, interleaved, by `lora_export.verify.latency.measure` (inputs
+Latencies at one shape are timed together, interleaved, by `lora_export.bench.latency.measure` (inputs
 prepared beforehand, rotated between input sets); ratios are of medians, with the median of per-round
 ratios beside them. Exports, sessions and packing happen outside the timed regions.
 """
@@ -145,12 +145,12 @@ def run_suite(args) -> Suite:
     from lora_export.artifacts.onnxio import read_slots
     from lora_export.backends.onnxrt import OrtRunner, open_session
     from lora_export.backends.torch_runner import TorchRunner
+    from lora_export.bench.latency import Candidate, measure, ratio, set_threads, summarize, thread_settings
     from lora_export.contract import ADAPTER_INDEX
     from lora_export.export.branched import export_branched
     from lora_export.export.merged import export_merged
     from lora_export.models import load_model
     from lora_export.runtime import LoraSession
-    from lora_export.verify.latency import Candidate, measure, ratio, set_threads, summarize, thread_settings
 
     suite = Suite(model=args.model, quick=args.quick)
     set_threads(args.threads)
@@ -513,7 +513,7 @@ def _generation_line(gen: dict | None) -> list[str]:
 
 
 def to_markdown(suite: Suite, machine: dict, command: str, date: str) -> str:
-    from lora_export.verify.report import machine_line
+    from lora_export.bench.report import machine_line
 
     about = (
         "QUICK mode: tiny sample, a smoke run, not the reference numbers"
@@ -638,7 +638,7 @@ def kept_sections(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> Suite:
-    from lora_export.verify.report import machine_info, now_utc
+    from lora_export.bench.report import machine_info, now_utc
 
     args = parse_args(argv)
     command = "python tools/benchmarks.py" + ("" if not argv else " " + shlex.join(argv))

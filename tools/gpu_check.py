@@ -14,7 +14,7 @@ slots) and a branched graph with slots for X and Y (Y adapts c_attn and c_fc), t
 - TensorRT (when installed) builds a refittable merged engine (base weights from the base graph), a
   branched engine with LoRA inputs, and a branched engine with LoRA weights (refittable); each is
   checked against PyTorch, and refit X -> Y -> X -> base is checked after every step;
-- latency at --batch x --seq, every candidate interleaved (`lora_export.verify.latency.measure`):
+- latency at --batch x --seq, every candidate interleaved (`lora_export.bench.latency.measure`):
   PyTorch eager fp16 merged and unmerged, ORT merged/branched, TensorRT merged/branched;
 - build seconds vs refit seconds.
 
@@ -167,10 +167,10 @@ def run_sample(sample: str, args, caps: dict, report: GpuReport, workdir: Path) 
 
     latency_feeds = [make_feeds(loaded, args.batch, args.seq, s) for s in range(3)]
     candidates = []
-    from lora_export.verify.latency import Candidate
+    from lora_export.bench.latency import Candidate
 
     tokens = args.batch * args.seq
-    from lora_export.verify.bench import merged_copy
+    from lora_export.bench.sweep import merged_copy
 
     if caps["cuda"]:
         report.skip(f"{sample}: PyTorch CUDA eager fp16", caps["cuda"])
@@ -183,7 +183,7 @@ def run_sample(sample: str, args, caps: dict, report: GpuReport, workdir: Path) 
     _run_trt(sample, args, caps, report, graphs, check_sets, ref, dtype, candidates, latency_feeds, tokens, x, y, d)
 
     if candidates:
-        from lora_export.verify.latency import measure
+        from lora_export.bench.latency import measure
 
         m = measure(candidates, warmup=args.warmup, iters=args.iters)
         stats = m.by_name()
@@ -281,7 +281,7 @@ def _run_trt(sample, args, caps, report, graphs, check_sets, ref, dtype, candida
 
 
 def Candidate_from(name, runner, feeds, tokens):  # noqa: N802 - reads like the class it builds
-    from lora_export.verify.latency import Candidate
+    from lora_export.bench.latency import Candidate
 
     return Candidate.from_runner(name, runner, feeds, tokens=tokens)
 

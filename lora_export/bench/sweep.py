@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.bench.latency import Candidate, measure, set_threads, thread_settings
+from lora_export.bench.report import BenchReport, BenchRow, fill_ratios, machine_info
 from lora_export.contract import ADAPTER_INDEX
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.verify.latency import Candidate, measure, set_threads, thread_settings
-from lora_export.verify.report import BenchReport, BenchRow, fill_ratios, machine_info
 
 BENCH_BACKENDS = ("torch", "ort", "trt")
 BENCH_MODES = ("base", "merged", "branched", "bank")
