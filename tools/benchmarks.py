@@ -146,9 +146,8 @@ def run_suite(args) -> Suite:
     from lora_export.backends.onnxrt import OrtRunner, open_session
     from lora_export.backends.torch_runner import TorchRunner
     from lora_export.bench.latency import Candidate, measure, ratio, set_threads, summarize, thread_settings
+    from lora_export.bench.standard_graphs import export_standard_graphs
     from lora_export.contract import ADAPTER_INDEX
-    from lora_export.export.branched import export_branched
-    from lora_export.export.merged import export_merged
     from lora_export.models import load_model
     from lora_export.runtime import LoraSession
 
@@ -183,15 +182,12 @@ def run_suite(args) -> Suite:
 
     # -- exports (outside timing); the merged one is also the "merge-and-export" and naive-route timing ------
     log("merge-and-export (adapter folded, traced, saved)")
-    _, suite.timings["merge-and-export s"] = _timed(lambda: export_merged(loaded, x, work / "merged.onnx", force=True))
+    g = export_standard_graphs(loaded, work, x, kinds=["merged"], force=True)
+    suite.timings["merge-and-export s"] = g["merged"].seconds
     log("exporting base, branched and bank graphs")
-    _, suite.timings["export base s"] = _timed(lambda: export_merged(loaded, None, work / "base.onnx", force=True))
-    _, suite.timings["export branched s"] = _timed(
-        lambda: export_branched(loaded, work / "branched.onnx", adapters=[x], force=True)
-    )
-    _, suite.timings["export bank s"] = _timed(
-        lambda: export_branched(loaded, work / "bank.onnx", adapters=adapters, layout="bank", force=True)
-    )
+    g = export_standard_graphs(loaded, work, x, kinds=["base", "branched", "bank"], bank_adapters=adapters, force=True)
+    for kind in ("base", "branched", "bank"):
+        suite.timings[f"export {kind} s"] = g[kind].seconds
     log("naive route: a new session on the re-exported graph")
     sess, suite.timings["naive new session s"] = _timed(
         lambda: open_session(work / "merged.onnx", threads=args.threads)

@@ -137,8 +137,7 @@ def run_sample(sample: str, args, caps: dict, report: GpuReport, workdir: Path) 
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
     from lora_export.backends.torch_runner import TorchRunner
-    from lora_export.export.branched import export_branched
-    from lora_export.export.merged import export_merged
+    from lora_export.bench.standard_graphs import export_standard_graph, export_standard_graphs
     from lora_export.models import load_model
     from lora_export.verify.check import make_feeds
 
@@ -157,12 +156,14 @@ def run_sample(sample: str, args, caps: dict, report: GpuReport, workdir: Path) 
     t0 = time.perf_counter()
     d = workdir / sample
     d.mkdir(parents=True, exist_ok=True)
-    graphs = {
-        "base": export_merged(loaded, None, d / "base.onnx", dtype=dtype, force=True).path,
-        "merged": export_merged(loaded, x, d / "merged_x.onnx", dtype=dtype, force=True).path,
-        "branched": export_branched(loaded, d / "branched.onnx", adapters=[x], dtype=dtype, force=True).path,
-        "branched_xy": export_branched(loaded, d / "branched_xy.onnx", adapters=[x, y], dtype=dtype, force=True).path,
-    }
+    names = {"merged": "merged_x.onnx"}
+    std = export_standard_graphs(
+        loaded, d, x, kinds=["base", "merged", "branched"], names=names, dtype=dtype, force=True
+    )
+    xy = export_standard_graph(
+        loaded, "branched", d / "branched_xy.onnx", x, branched_adapters=[x, y], dtype=dtype, force=True
+    )
+    graphs = {kind: g.path for kind, g in std.items()} | {"branched_xy": xy.path}
     print(f"  exported {len(graphs)} graphs ({dtype}) in {time.perf_counter() - t0:.1f}s", flush=True)
 
     latency_feeds = [make_feeds(loaded, args.batch, args.seq, s) for s in range(3)]

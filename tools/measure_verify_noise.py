@@ -116,8 +116,7 @@ def _edit_first_weight(graph: Path, out: Path, module: str) -> str:
 def measure(large: bool, only: list[str] | None = None) -> dict:
     from conftest import make_random_adapter
 
-    from lora_export.export.branched import export_branched
-    from lora_export.export.merged import export_merged
+    from lora_export.bench.standard_graphs import export_standard_graph
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,15 +128,12 @@ def measure(large: bool, only: list[str] | None = None) -> dict:
                 shapes = [(2, 0), (3, 0), (1, 0)]
             adapter = make_random_adapter(loaded, targets=_targets(name, loaded), seed=7)
             res: dict[str, list] = {}
-            base = tmp / f"{name}_base.onnx"
-            export_merged(loaded, None, base)
+            base = export_standard_graph(loaded, "base", tmp / f"{name}_base.onnx", None).path
             res["base"] = _rows_with_scale(loaded, base, [], shapes)
-            merged = tmp / f"{name}_merged.onnx"
-            export_merged(loaded, adapter, merged)
+            merged = export_standard_graph(loaded, "merged", tmp / f"{name}_merged.onnx", adapter).path
             res["merged"] = _rows_with_scale(loaded, merged, [adapter], shapes)
             if loaded.arch != "convnet":
-                br = tmp / f"{name}_inputs.onnx"
-                export_branched(loaded, br, adapters=[adapter])
+                br = export_standard_graph(loaded, "branched", tmp / f"{name}_inputs.onnx", adapter).path
                 res["branched"] = _rows_with_scale(loaded, br, [adapter], shapes)
             module = next((m for m in sorted(adapter.modules) if "lm_head" not in m), sorted(adapter.modules)[0])
             edited = tmp / f"{name}_edited.onnx"

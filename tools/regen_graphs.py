@@ -38,8 +38,7 @@ def regenerate(out: Path) -> list[Path]:
     from lora_export.adapters.pack import pack_adapter
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
-    from lora_export.export.branched import export_branched
-    from lora_export.export.merged import export_merged
+    from lora_export.bench.standard_graphs import export_standard_graphs
     from lora_export.models import load_model
     from lora_export.passes.pipeline import optimize_file
 
@@ -52,9 +51,8 @@ def regenerate(out: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pack_adapter(adapter, tmp / "adapter.onnx_adapter")
-        export_merged(loaded, adapter, tmp / "merged.onnx")
-        export_branched(loaded, tmp / "branched_inputs.onnx", adapters=[adapter], layout="inputs")
-        export_branched(loaded, tmp / "branched_bank.onnx", adapters=[adapter], layout="bank", max_rank=8)
+        names = {"merged": "merged.onnx", "branched": "branched_inputs.onnx", "bank": "branched_bank.onnx"}
+        export_standard_graphs(loaded, tmp, adapter, kinds=["merged", "branched", "bank"], names=names, bank_max_rank=8)
         for stem in ("merged", "branched_inputs", "branched_bank"):
             optimize_file(tmp / f"{stem}.onnx", tmp / f"{stem}.opt.onnx")
         written = []
