@@ -215,7 +215,7 @@ def optimize(
     with _step(progress, "optimizing"):
         report = optimize_file(graph, out, **optimize_kwargs)
     if bench:
-        from lora_export.verify.graphs import measure_graphs
+        from lora_export.bench.graph_timing import measure_graphs
 
         with _step(progress, f"timing before/after (ONNX Runtime CPU, batch {batch}, seq {seq})"):
             timing = measure_graphs({"before": graph, "after": out}, batch=batch, seq=seq)
@@ -300,10 +300,10 @@ def bench(
     allow_nonfinite: bool = False,
     on_progress: Callable[[str, int, int], None] | None = None,
 ):
-    """Latency per backend x mode x shape (`verify.bench.run_bench`, a `BenchConfig`); graphs are exported to
+    """Latency per backend x mode x shape (`bench.sweep.run_bench`, a `BenchConfig`); graphs are exported to
     `workdir` (default: a temporary directory). Without adapters a random one is made; a bank is padded
     with random adapters to `bank_size`. `on_progress(what, done, total)` follows the exports and rounds."""
-    from lora_export.verify.bench import BenchConfig, bench_adapters, run_bench
+    from lora_export.bench.sweep import BenchConfig, bench_adapters, run_bench
 
     config = config or BenchConfig()
     config.check()

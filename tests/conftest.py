@@ -83,14 +83,10 @@ def adapter_dir(tmp_path_factory):
     return out
 
 
-def make_random_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rslora=False, name=None, **spec_kw):
-    from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
-    from lora_export.adapters.synthetic import random_adapter
+def make_random_adapter(loaded, **kw):
+    from lora_export.adapters.synthetic import random_model_adapter
 
-    spec = LoraSpec(
-        r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets or DEFAULT_TARGETS[loaded.arch], **spec_kw
-    )
-    return random_adapter(loaded.module, spec, seed=seed, name=name or f"r{r}_s{seed}")
+    return random_model_adapter(loaded, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from lora_export.bench.latency import summarize
+from lora_export.bench.report import BenchReport, BenchRow, fill_ratios, machine_info, table_rows, to_markdown
 from lora_export.cli import cli
-from lora_export.verify.latency import summarize
-from lora_export.verify.report import BenchReport, BenchRow, fill_ratios, machine_info, table_rows, to_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -70,7 +70,7 @@ def test_markdown_and_table_rows():
 
 
 def test_plot_is_a_png_with_one_series_per_backend_mode(tmp_path):
-    from lora_export.verify.plot import plot_latency
+    from lora_export.bench.plot import plot_latency
 
     out = tmp_path / "p" / "lat.png"
     series = plot_latency(_report(), out)
@@ -130,7 +130,7 @@ def test_bench_cli_in_process(tmp_path):
 def test_bench_bank_mode_on_prepared_graphs(sample_cache, export_cache, tmp_path):
     from conftest import make_random_adapter
 
-    from lora_export.verify.bench import BenchConfig, run_bench
+    from lora_export.bench.sweep import BenchConfig, run_bench
 
     loaded = sample_cache("gpt2")
     ads = [make_random_adapter(loaded, seed=i) for i in range(3)]
@@ -166,7 +166,7 @@ def test_bench_bad_options_are_one_line_errors(args, code, message):
 def test_bench_adapters_random_and_bank_padding(sample_cache):
     from conftest import make_random_adapter
 
-    from lora_export.verify.bench import bench_adapters
+    from lora_export.bench.sweep import bench_adapters
 
     loaded = sample_cache("gpt2")
     ads, bank, notes = bench_adapters(loaded, [], bank_size=4, seed=7)

@@ -1,19 +1,11 @@
-"""tools/bench_generation.py: the generation rows of the benchmark suite run and report every goal."""
+"""lora_export.bench.generation (tools/bench_generation.py): the generation rows of the suite report every goal."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from lora_export.bench import generation as tool
 
 
 def test_generation_bench_measures_every_goal(decoders, sample_cache):
-    spec = importlib.util.spec_from_file_location("lora_bench_generation", ROOT / "tools" / "bench_generation.py")
-    tool = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = tool
-    spec.loader.exec_module(tool)
     folders = {layout: decoders.folder("gpt2", layout) for layout in ("merged", "inputs", "bank")}
     bench = tool.measure_generation(
         folders, sample_cache("gpt2"), ["x", "y"], prompt_len=6, new_tokens=4, rounds=1, warmup=0

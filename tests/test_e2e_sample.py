@@ -3,7 +3,6 @@ data and training are reproducible from their seeds."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -24,11 +23,9 @@ DEV_BLEU_BASE_MAX = 5.0
 
 
 def _train_module():
-    spec = importlib.util.spec_from_file_location("train_sample", ROOT / "tools" / "train_sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["train_sample"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from lora_export.models.e2e import train
+
+    return train
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""tools/gpu_check.sh and its Python part: syntax, and the orchestration run on CPU (TensorRT skipped)."""
+"""tools/gpu_check.sh and its Python part (lora_export.bench.gpu_check): syntax, and the orchestration run on
+CPU (TensorRT skipped)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from lora_export.bench import gpu_check as gc
 
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("gpu_check", TOOLS / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
 
 
 def test_shell_script_parses():
@@ -29,23 +25,27 @@ def test_shell_script_parses():
     subprocess.run([bash, "-n", str(TOOLS / "gpu_check.sh")], check=True)
 
 
-def test_no_cuda_exits_3_with_one_line(capsys):
-    gc = _tool()
+def test_no_cuda_exits_3_with_one_line():
     if gc.capabilities()["cuda"] is None:
         pytest.skip("this machine has CUDA")
-    assert gc.main(["--samples", "gpt2"]) == 3
-    out = capsys.readouterr().out.strip().splitlines()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(TOOLS / "gpu_check.py"), "--samples", "gpt2"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    out = proc.stdout.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("error: no CUDA device")
 
 
 def test_cpu_smoke_runs_checks_and_lists_skips(tmp_path, capsys):
-    gc = _tool()
     caps = gc.capabilities()
     if caps["cuda"] is None:
         pytest.skip("CUDA present: run tools/gpu_check.sh for the real check")
     out_json = tmp_path / "report.json"
-    code = gc.main(["--cpu-smoke", "--samples", "gpt2", "--iters", "2", "--warmup", "1", "--seq", "16",
-                    "--workdir", str(tmp_path), "--json", str(out_json)])  # fmt: skip
+    options = gc.GpuCheckOptions(
+        cpu_smoke=True, samples=["gpt2"], iters=2, warmup=1, seq=16, workdir=str(tmp_path), json_path=str(out_json)
+    )
+    code = gc.run_gpu_check(options)
     text = capsys.readouterr().out
     report = json.loads(out_json.read_text())
     assert code == 0 and report["passed"]
@@ -58,7 +58,6 @@ def test_cpu_smoke_runs_checks_and_lists_skips(tmp_path, capsys):
 
 
 def test_format_tables_states_goals_and_failures():
-    gc = _tool()
     report = gc.GpuReport()
     report.latency = [
         {"sample": "s", "candidate": "torch-fp16/merged", "batch": 1, "seq": 128, "p50_ms": 2.0, "p90_ms": 2.2},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from lora_export.passes.contract import lora_node_count
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "graphs"
-sys.path.insert(0, str(ROOT / "tools"))
 
 MODULES = ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
 BASE_WEIGHTS = [f"transformer.h.{i}.{m}.weight" for i in (0, 1) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
@@ -110,7 +108,7 @@ def test_optimized_matches_unoptimized(stem):
 
 
 def test_regeneration_is_byte_identical(tmp_path):
-    import regen_graphs
+    from lora_export.bench.reference_graphs import compare, regenerate
 
-    regen_graphs.regenerate(tmp_path)
-    assert regen_graphs.compare(tmp_path, GRAPHS) == []
+    regenerate(tmp_path)
+    assert compare(tmp_path, GRAPHS) == []

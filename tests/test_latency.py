@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lora_export.verify.latency import (
+from lora_export.bench.latency import (
     Candidate,
     LatencyStats,
     measure,

@@ -8,70 +8,15 @@ Formulations (x: [B, T, in], W: [in, out], N adapters of rank R, `idx`: [B]):
 
     python tools/bench_bank_formulations.py [--batch 8] [--seq 128] [--adapters 4] [--rank 8] [--iters 50]
 
-Prints medians and ratios to `single`, measured interleaved in one process.
+Prints medians and ratios to `single`, measured interleaved in one process. The benchmark is
+`lora_export.bench.bank_formulations`; this is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import numpy as np
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
-
-def build(kind: str, d_in: int, d_out: int, n: int, r: int, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    W = numpy_helper.from_array(rng.standard_normal((d_in, d_out), dtype=np.float32) * 0.02, "W")
-    inits, nodes = [W], [helper.make_node("MatMul", ["x", "W"], ["base"])]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", d_in])]
-    if kind == "base":
-        nodes.append(helper.make_node("Identity", ["base"], ["y"]))
-    elif kind == "single":
-        inits += [
-            numpy_helper.from_array(rng.standard_normal((d_in, r), dtype=np.float32), "A"),
-            numpy_helper.from_array(rng.standard_normal((r, d_out), dtype=np.float32) * 0.01, "Bm"),
-        ]
-        nodes += [
-            helper.make_node("MatMul", ["x", "A"], ["xa"]),
-            helper.make_node("MatMul", ["xa", "Bm"], ["d"]),
-            helper.make_node("Add", ["base", "d"], ["y"]),
-        ]
-    else:
-        inputs.append(helper.make_tensor_value_info("idx", TensorProto.INT64, ["B"]))
-        a_bank = rng.standard_normal((n, d_in, r), dtype=np.float32)
-        b_bank = rng.standard_normal((n, r, d_out), dtype=np.float32) * 0.01
-        if kind == "dense":
-            a_cat = a_bank.transpose(1, 0, 2).reshape(d_in, n * r)
-            owner = (np.arange(n * r) // r).astype(np.int64)
-            masks = (owner[None, :] == np.arange(n)[:, None]).astype(np.float32)  # [N, N*R]
-            inits += [
-                numpy_helper.from_array(a_cat, "A"),
-                numpy_helper.from_array(b_bank.reshape(n * r, d_out), "Bm"),
-                numpy_helper.from_array(masks, "masks"),
-                numpy_helper.from_array(np.array([1], np.int64), "one"),
-            ]
-            nodes += [
-                helper.make_node("Gather", ["masks", "idx"], ["m"], axis=0),  # [B, N*R]
-                helper.make_node("Unsqueeze", ["m", "one"], ["m3"]),  # [B, 1, N*R]
-                helper.make_node("MatMul", ["x", "A"], ["xa"]),
-                helper.make_node("Mul", ["xa", "m3"], ["xm"]),
-                helper.make_node("MatMul", ["xm", "Bm"], ["d"]),
-                helper.make_node("Add", ["base", "d"], ["y"]),
-            ]
-        else:  # gather
-            inits += [numpy_helper.from_array(a_bank, "Ab"), numpy_helper.from_array(b_bank, "Bb")]
-            nodes += [
-                helper.make_node("Gather", ["Ab", "idx"], ["a"], axis=0),  # [B, in, R]
-                helper.make_node("Gather", ["Bb", "idx"], ["b"], axis=0),  # [B, R, out]
-                helper.make_node("MatMul", ["x", "a"], ["xa"]),
-                helper.make_node("MatMul", ["xa", "b"], ["d"]),
-                helper.make_node("Add", ["base", "d"], ["y"]),
-            ]
-    graph = helper.make_graph(nodes, kind, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+from lora_export.bench.bank_formulations import FormulationOptions, measure_formulations, report_lines
 
 
 def main() -> None:
@@ -83,34 +28,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--d-in", type=int, default=768)
     p.add_argument("--d-out", type=int, default=2304)
-    args = p.parse_args()
-    kinds = ["base", "single", "dense", "gather"]
-    sessions = {
-        k: ort.InferenceSession(
-            build(k, args.d_in, args.d_out, args.adapters, args.rank), providers=["CPUExecutionProvider"]
-        )
-        for k in kinds
-    }
-    x = np.random.default_rng(1).standard_normal((args.batch, args.seq, args.d_in), dtype=np.float32)
-    idx = np.arange(args.batch, dtype=np.int64) % args.adapters
-    feeds = {k: ({"x": x} if k in ("base", "single") else {"x": x, "idx": idx}) for k in kinds}
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for _ in range(5):
-        for k in kinds:
-            sessions[k].run(None, feeds[k])
-    for i in range(args.iters):
-        for k in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:  # rotate the order: no position bias
-            t0 = time.perf_counter()
-            sessions[k].run(None, feeds[k])
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(
-        f"ONNX Runtime {ort.__version__} CPU, x [{args.batch}, {args.seq}, {args.d_in}] -> {args.d_out}, "
-        f"N={args.adapters} adapters, rank {args.rank}, {args.iters} interleaved iterations"
-    )
-    print(f"{'formulation':<10} {'median ms':>10} {'/ single':>9}")
-    for k in kinds:
-        print(f"{k:<10} {med[k]:>10.3f} {med[k] / med['single']:>9.3f}")
+    args = FormulationOptions(**vars(p.parse_args()))
+    print("\n".join(report_lines(measure_formulations(args), args)))
 
 
 if __name__ == "__main__":

@@ -16,61 +16,11 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lora_export.bench.reference_graphs import compare, regenerate  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = ROOT / "graphs"
-SEED = 0
-RANK, ALPHA = 4, 8.0
-FILES = [
-    "adapter.onnx_adapter",
-    "merged.onnx",
-    "merged.opt.onnx",
-    "branched_inputs.onnx",
-    "branched_inputs.opt.onnx",
-    "branched_bank.onnx",
-    "branched_bank.opt.onnx",
-]
-
-
-def regenerate(out: Path) -> list[Path]:
-    """Write the reference graphs into `out` (manifests go to a scratch dir); returns the files written."""
-    import torch
-
-    from lora_export.adapters.pack import pack_adapter
-    from lora_export.adapters.spec import LoraSpec
-    from lora_export.adapters.synthetic import random_adapter
-    from lora_export.export.branched import export_branched
-    from lora_export.export.merged import export_merged
-    from lora_export.models import load_model
-    from lora_export.passes.pipeline import optimize_file
-
-    torch.manual_seed(SEED)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model("sample:gpt2")
-    adapter = random_adapter(
-        loaded.module, LoraSpec(r=RANK, alpha=ALPHA, target_modules=["c_attn"]), seed=SEED, name="reference"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        pack_adapter(adapter, tmp / "adapter.onnx_adapter")
-        export_merged(loaded, adapter, tmp / "merged.onnx")
-        export_branched(loaded, tmp / "branched_inputs.onnx", adapters=[adapter], layout="inputs")
-        export_branched(loaded, tmp / "branched_bank.onnx", adapters=[adapter], layout="bank", max_rank=8)
-        for stem in ("merged", "branched_inputs", "branched_bank"):
-            optimize_file(tmp / f"{stem}.onnx", tmp / f"{stem}.opt.onnx")
-        written = []
-        for name in FILES:
-            (out / name).write_bytes((tmp / name).read_bytes())
-            written.append(out / name)
-    return written
-
-
-def compare(a: Path, b: Path) -> list[str]:
-    """Names of reference files that differ between two directories."""
-    return [
-        n
-        for n in FILES
-        if not (a / n).is_file() or not (b / n).is_file() or (a / n).read_bytes() != (b / n).read_bytes()
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

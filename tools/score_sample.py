@@ -18,13 +18,11 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_export.models import e2e  # noqa: E402
 from lora_export.verify import task_run  # noqa: E402
@@ -84,7 +82,7 @@ def onnx_rows(split: str, limit: int | None, work: Path, layouts: list[str]) -> 
     return rows
 
 
-# optimized deployments: `api.optimize` on a decoder folder (as tools/bench_speed.py makes them)
+# optimized deployments: `api.optimize` on a decoder folder (as lora_export.bench.speed makes them)
 OPTIMIZED = {
     "fused": dict(fuse="all"),
     "int8": dict(quantize="int8"),

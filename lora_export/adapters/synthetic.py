@@ -34,3 +34,13 @@ def random_adapter(
         embedding = isinstance(layer, nn.Embedding)
         modules[path] = ModuleLora(A=a, B=b, scaling=spec.scaling_for(path, r), embedding=embedding)
     return Adapter(spec=spec, modules=modules, name=name, source=f"random(seed={seed})")
+
+
+def random_model_adapter(loaded, *, r=8, alpha=16.0, targets=None, seed=0, use_rslora=False, name=None, **spec_kw):
+    """A seeded random adapter (non-zero B) for a loaded model: `targets` default to its architecture's."""
+    from lora_export.adapters.spec import DEFAULT_TARGETS, LoraSpec
+
+    spec = LoraSpec(
+        r=r, alpha=alpha, use_rslora=use_rslora, target_modules=targets or DEFAULT_TARGETS[loaded.arch], **spec_kw
+    )
+    return random_adapter(loaded.module, spec, seed=seed, name=name or f"r{r}_s{seed}")

@@ -88,7 +88,7 @@ class OrtRunner:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds, run_options)))
 
-    # -- latency harness (lora_export.verify.latency): inputs prepared outside the timed region ---------------
+    # -- latency harness (lora_export.bench.latency): inputs prepared outside the timed region ---------------
     def _device(self) -> tuple[str, int]:
         providers = self.session.get_providers() if self.session is not None else []
         return ("cuda", 0) if providers and providers[0] == "CUDAExecutionProvider" else ("cpu", 0)

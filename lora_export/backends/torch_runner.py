@@ -64,7 +64,7 @@ class TorchRunner:
             outs = call_model(self.model, tensors)
         return {n: o.detach().float().cpu().numpy() for n, o in zip(self.model.output_names, outs)}
 
-    # -- latency harness (lora_export.verify.latency): inputs prepared outside the timed region ---------------
+    # -- latency harness (lora_export.bench.latency): inputs prepared outside the timed region ---------------
     def prepare(self, feeds: Feeds) -> dict[str, torch.Tensor]:
         """Input tensors already on the device and in the runner's dtype."""
         return self._tensors(feeds)

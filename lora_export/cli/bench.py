@@ -79,8 +79,8 @@ def bench(
         lora-export bench sample:gpt2-small --backends torch,ort --modes base,merged,branched,bank --batch 1,8
     """
     from lora_export.artifacts.fileio import atomic_path, probe_writable
-    from lora_export.verify.bench import BenchConfig
-    from lora_export.verify.report import TABLE_COLUMNS, machine_line, table_rows, to_markdown
+    from lora_export.bench.report import TABLE_COLUMNS, machine_line, table_rows, to_markdown
+    from lora_export.bench.sweep import BenchConfig
 
     config = BenchConfig(
         backends=_csv(backends, "--backends"),
@@ -126,7 +126,7 @@ def bench(
         with atomic_path(md_path, suffix=".md") as tmp:
             tmp.write_text(to_markdown(report))
     if plot_path:
-        from lora_export.verify.plot import plot_latency
+        from lora_export.bench.plot import plot_latency
 
         plot_latency(report, plot_path)
         display.err.print(f"plot written to {plot_path}")

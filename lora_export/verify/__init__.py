@@ -1,1 +1,2 @@
-"""Parity (pure functions over numpy) and latency (which owns all timing)."""
+"""Parity (pure functions over numpy), the PyTorch/PEFT reference, generation and task checks; timing lives in
+`lora_export.bench`."""

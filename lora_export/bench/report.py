@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from lora_export.verify.latency import LatencyStats
+from lora_export.bench.latency import LatencyStats
 
 SCHEMA = "lora-export/bench/1"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_export.artifacts.fileio import atomic_path
-from lora_export.verify.report import BenchReport
+from lora_export.bench.report import BenchReport
 
 
 def plot_latency(report: BenchReport, out: str | Path, *, title: str | None = None) -> list[str]:

@@ -58,9 +58,9 @@ def measure_graphs(
     extra: list | None = None,
 ) -> dict[str, Any]:
     """ONNX Runtime CPU latency of several graphs (plus `extra` candidates), interleaved in one process by
-    `lora_export.verify.latency.measure`; returns stats by name and the `Measurement` under `_measurement`."""
+    `lora_export.bench.latency.measure`; returns stats by name and the `Measurement` under `_measurement`."""
     from lora_export.backends.onnxrt import OrtRunner
-    from lora_export.verify.latency import Candidate, measure
+    from lora_export.bench.latency import Candidate, measure
 
     candidates = []
     for name, path in graphs.items():

@@ -15,7 +15,6 @@ modes and backends come from the same minutes of the same machine.
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,11 +23,11 @@ from typing import Any
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
+from lora_export.bench.latency import Candidate, measure, set_threads, thread_settings
+from lora_export.bench.report import BenchReport, BenchRow, fill_ratios, machine_info
 from lora_export.contract import ADAPTER_INDEX
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.models.loading import LoadedModel
-from lora_export.verify.latency import Candidate, measure, set_threads, thread_settings
-from lora_export.verify.report import BenchReport, BenchRow, fill_ratios, machine_info
 
 BENCH_BACKENDS = ("torch", "ort", "trt")
 BENCH_MODES = ("base", "merged", "branched", "bank")
@@ -128,27 +127,13 @@ def export_graphs(
     progress: Progress | None = None,
 ) -> dict[str, tuple[Path, float]]:
     """Export the graph each ort/trt mode needs into `workdir` (outside any timing): mode -> (path, seconds)."""
-    from lora_export.export.branched import export_branched
-    from lora_export.export.merged import export_merged
+    from lora_export.bench.standard_graphs import STANDARD_KINDS, export_standard_graphs
 
-    jobs = {
-        "base": lambda p: export_merged(loaded, None, p, force=True),
-        "merged": lambda p: export_merged(loaded, adapter, p, force=True),
-        "branched": lambda p: export_branched(loaded, p, adapters=[adapter], force=True),
-        "bank": lambda p: export_branched(loaded, p, adapters=bank_adapters, layout="bank", force=True),
-    }
-    wanted = [m for m in modes if m in jobs]
-    out = {}
-    for k, mode in enumerate(wanted):
-        if progress:
-            progress(f"exporting {mode} graph", k, len(wanted))
-        path = workdir / f"{mode}.onnx"
-        t0 = time.perf_counter()
-        jobs[mode](path)
-        out[mode] = (path, time.perf_counter() - t0)
-    if progress:
-        progress("exports done", len(wanted), len(wanted))
-    return out
+    wanted = [m for m in modes if m in STANDARD_KINDS]
+    graphs = export_standard_graphs(
+        loaded, workdir, adapter, kinds=wanted, bank_adapters=bank_adapters, force=True, progress=progress
+    )
+    return {mode: (g.path, g.seconds) for mode, g in graphs.items()}
 
 
 def _graph_lora_feeds(path: Path, mode: str, adapter: Adapter, bank_adapters: list[Adapter]):
