@@ -74,17 +74,26 @@ class DecoderFacts:
 
     @property
     def pad(self) -> int:
-        """The id written into padded slots (never attended to): pad, else the first eos, else 0."""
-        if self.pad_token_id is not None:
-            return self.pad_token_id
-        return self.eos_token_id[0] if self.eos_token_id else 0
+        """The id written into padded slots (never attended to, but still looked up in the embedding): pad, else
+        the first eos, else 0 — the first of these inside the vocabulary (a config may name special ids its
+        vocabulary lacks, e.g. GPT-2's 50256 with a 400-token vocabulary)."""
+        for candidate in (self.pad_token_id, *self.eos_token_id):
+            if candidate is not None and 0 <= candidate < self.vocab_size:
+                return candidate
+        return 0
+
+    def in_vocab(self, token: int | None) -> int | None:
+        """`token` when it is a valid id of the vocabulary, else None (a special id the vocabulary lacks)."""
+        return token if token is not None and 0 <= token < self.vocab_size else None
 
 
 def genai_config(facts: DecoderFacts, filename: str = MODEL_NAME, search: dict[str, Any] | None = None) -> dict:
     """ONNX Runtime GenAI's `genai_config.json` for a decoder graph with our I/O names."""
     eos = facts.eos_token_id
     model = {
-        "bos_token_id": facts.bos_token_id if facts.bos_token_id is not None else facts.pad,
+        "bos_token_id": facts.in_vocab(facts.bos_token_id)
+        if facts.in_vocab(facts.bos_token_id) is not None
+        else facts.pad,
         "context_length": facts.context_length,
         "decoder": {
             "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

@@ -191,6 +191,7 @@ def finish_generation_report(report) -> None:
             sum(m is None for m in c.first_mismatch),
             len(c.first_mismatch),
             c.max_logits_err,
+            c.atol,
             c.agreement,
             c.effect,
             "[green]pass[/green]" if c.passed else f"[red]FAIL[/red] {c.reason}",
@@ -205,12 +206,19 @@ def finish_generation_report(report) -> None:
             "rows exact",
             "rows",
             "max logits err",
+            "logits atol",
             "token agreement",
             "adapter effect",
             "result",
         ],
         rows,
     )
+    tolerances = [c.tolerance for c in report.cases if c.tolerance]
+    if tolerances:
+        from lora_export.verify.tolerance import Tolerance
+
+        loosest = max(tolerances, key=lambda t: t["atol"])
+        out.print(f"logits tolerance (fp32, from the logits' scale and noise): {Tolerance(**loosest).describe()}")
     if not report.passed:
         err.print("[red]generation check failed[/red]")
         raise click.exceptions.Exit(1)

@@ -257,10 +257,22 @@ class Wiring:
         refit change only that layer) and the plan streaming its weights; or, when `modules_to_save` defaults are
         the model's values, a private copy of the loaded weights (plan None)."""
         if self.table.saved:
-            return loaded.materialized().copy(dtype=dtype), None
+            work = loaded.materialized().copy(dtype=dtype)
+            self._saved_values_from(work.module)
+            return work, None
         work, plan = export_skeleton(loaded, dtype)
         plan_untie(work, plan, self.paths)
         return work, plan
+
+    def _saved_values_from(self, module: torch.nn.Module) -> None:
+        """The `modules_to_save` inputs of a lazily loaded model were laid out from its weightless skeleton (meta
+        tensors): their example and default values come from the loaded weights instead."""
+        base = {f"{p}.{n}": v for p, m in unwrap(module).items() for n, v in m.named_parameters(recurse=False)}
+        names = {saved_name(sp.module, sp.param): sp.base_name for sp in self.table.saved.values()}
+        for i, e in enumerate(self.extra):
+            if e.name in names and (e.example.is_meta or (e.default is not None and e.default.is_meta)):
+                value = base[names[e.name]].detach()
+                self.extra[i] = replace(e, example=value.clone(), default=value.clone())
 
     def default_bytes(self) -> int:
         """Bytes of the extra inputs' default initializers (the graph stores them besides the weights)."""

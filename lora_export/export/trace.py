@@ -174,11 +174,24 @@ def _export(wrapper, args, loaded, extra, dynamic, opset):
             warnings.simplefilter("ignore")
             return torch.onnx.export(wrapper, args, **kwargs)
     except Exception as e:  # the exporter fails on the user's model: one line (the cause kept for --verbose)
-        raise UserError(
-            f"torch.onnx.export cannot export {loaded.source}: {root_cause(e)}; make the model's forward return "
-            "tensors only (e.g. no cache objects: a wrapper module in a py:module:factory), or rerun with --verbose "
-            "for the exporter's trace"
-        ) from e
+        raise UserError(f"torch.onnx.export cannot export {loaded.source}: {root_cause(e)}; {export_advice(e)}") from e
+
+
+def export_advice(e: BaseException) -> str:
+    """What to do about an exporter failure, by its cause (a device mismatch is not the model's return type)."""
+    cause = root_cause(e)
+    if "DeviceMismatch" in cause or "two devices" in cause or "same device" in cause:
+        meta = " (meta: a weight the weightless trace never loaded, held outside the model's parameters)"
+        return (
+            "a tensor on another device met the traced weights"
+            + (meta if "meta" in cause else "")
+            + ": put every tensor the forward reads on the model's device (merge-and-export loads all weights), "
+            "or rerun with --verbose for the exporter's trace"
+        )
+    return (
+        "make the model's forward return tensors only (e.g. no cache objects: a wrapper module in a "
+        "py:module:factory), or rerun with --verbose for the exporter's trace"
+    )
 
 
 def root_cause(e: BaseException) -> str:

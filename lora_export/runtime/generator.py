@@ -216,6 +216,14 @@ class Generator:
                     f"a prompt of {length} tokens is longer than the model's context ({self.facts.context_length} "
                     "tokens): shorten it"
                 )
+        vocab = self.facts.vocab_size
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise UserError(
+                    f"token id {bad[0]} is outside the model's vocabulary (0..{vocab - 1}): "
+                    "check the prompt's ids or the tokenizer"
+                )
         width = max(lengths)
         ids = np.full((len(prompts), width), self.facts.pad, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)

@@ -6,7 +6,9 @@ transformers `generate` with its own KV cache on each prompt ALONE (no padding).
 API (prefill, then decode steps), so padding, per-row positions and per-row adapters are what is checked.
 
 Per case: tokens must be identical (greedy, eos ignored so every row runs `new_tokens` steps); the
-next-token logits of every step up to the first differing token are compared (max abs error). When the
+next-token logits of every step up to the first differing token are compared (max abs error) against an fp32
+atol from `verify.tolerance.fp32_tolerance`: the logits' scale, and the reference's own noise measured by
+recomputing its logits in one full-sequence forward (no cache) and comparing with `generate`'s. When the
 folder has adapters, the adapter must move the logits visibly above the error (a dropped adapter fails).
 
 Cases by layout: merged -> the folded adapter (or the base model); inputs -> each adapter, then none;
@@ -35,6 +37,7 @@ from lora_export.artifacts.decoder_folder import MODEL_NAME
 from lora_export.contract import BANK, INPUTS, MERGED
 from lora_export.errors import UserError
 from lora_export.models.loading import LoadedModel
+from lora_export.verify.tolerance import fp32_tolerance
 
 DEFAULT_SHAPES = [(1, 8), (3, 11)]  # (rows, longest prompt); rows get different lengths (left padding)
 # quantized folders: minimum share of greedy positions equal to the float reference's
@@ -55,6 +58,8 @@ class GenerationCase:
     reason: str = ""
     agreement: float | None = None  # share of equal greedy tokens (every row and position)
     first_logits_cosine: float | None = None  # quantized folders: the first step's logits vs the reference
+    atol: float | None = None  # the logits tolerance this case was judged with
+    tolerance: dict | None = None  # how it was reached (`verify.tolerance.Tolerance`), fp32 folders
 
 
 @dataclass
@@ -62,7 +67,7 @@ class GenerationReport:
     folder: str
     layout: str
     new_tokens: int
-    atol: float
+    atol: float | None  # the caller's logits atol; None: each case's own (`verify.tolerance`), see cases
     cases: list[GenerationCase] = field(default_factory=list)
     quantization: str | None = None  # the folder's scheme: agreement criteria instead of token-exact
 
@@ -98,6 +103,14 @@ class Reference:
         else:
             for layer in lora_layers(self.model).values():
                 layer.set_lora(None)
+
+    def reordered_logits(self, prompt: list[int], tokens: list[int]) -> np.ndarray:
+        """The logits `generate` gave for `tokens`, recomputed by one full-sequence forward without a cache:
+        the same fp32 model under another evaluation order, whose difference is the reference's own noise."""
+        ids = torch.tensor([prompt + tokens[:-1]], dtype=torch.long)
+        with torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return out.logits[0, len(prompt) - 1 :].float().numpy()
 
     def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
         """(tokens, logits `[new_tokens, vocab]`) of greedy `generate` on one prompt, eos ignored."""
@@ -156,7 +169,8 @@ def verify_generation(
             if not adapters:
                 adapters = [read_adapter(p, name=n) for n, p in gen.folder.adapter_files.items()]
         dtype = (gen.folder.manifest.dtype if gen.folder.manifest is not None else "fp32") or "fp32"
-        atol = atol if atol is not None else (1e-4 if dtype == "fp32" else 5e-2)
+        if atol is None and dtype != "fp32":
+            atol = 5e-2
         from lora_export.passes.quantize import graph_scheme
 
         scheme = graph_scheme(Path(folder) / MODEL_NAME)
@@ -190,11 +204,14 @@ def _run_case(ref, by_name, label, prompts, rows, ours, new_tokens, atol, scheme
     """Judge our (tokens, logits) for one case against the reference's greedy generate, row by row."""
     ours, our_logits = ours
     case = GenerationCase(label, rows, [len(p) for p in prompts], [], ours, [], 0.0)
-    effect, first_err, cosines = None, 0.0, []
+    effect, first_err, cosines, noise_ref, ref_logits = None, 0.0, [], 0.0, []
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
         ref.use(by_name.get(row) if row is not None else None)
         tokens, logits = ref.generate(prompt, new_tokens)
         case.reference.append(tokens)
+        if scheme is None and atol is None:  # the reference's own fp32 noise on these tokens
+            noise_ref = max(noise_ref, float(np.abs(ref.reordered_logits(prompt, tokens) - logits).max()))
+        ref_logits.append(logits)
         mismatch = next((j for j, (a, b) in enumerate(zip(tokens, ours[i])) if a != b), None)
         case.first_mismatch.append(mismatch)
         upto = new_tokens if mismatch is None else mismatch + 1
@@ -212,6 +229,10 @@ def _run_case(ref, by_name, label, prompts, rows, ours, new_tokens, atol, scheme
     pairs = [(a, b) for ref_row, our_row in zip(case.reference, ours) for a, b in zip(ref_row, our_row)]
     case.agreement = sum(a == b for a, b in pairs) / max(len(pairs), 1)
     problems = []
+    if atol is None and scheme is None:
+        tol = fp32_tolerance(np.stack(ref_logits), noise=noise_ref)
+        atol, case.tolerance = tol.atol, tol.to_dict()
+    case.atol = atol
     if scheme is None:
         if any(m is not None for m in case.first_mismatch):
             problems.append("tokens differ")

@@ -6,26 +6,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from lora_export.verify.tolerance import fp32_tolerance
+
 # (atol, rtol) by graph dtype (`contract.precision`); bf16 keeps 8 mantissa bits to fp16's 11
 DEFAULT_TOLERANCES = {"fp32": (1e-6, 0.0), "fp16": (3e-2, 3e-2), "bf16": (1e-1, 1e-1)}
-# fp32 graphs differ from the PyTorch reference by float rounding only, and rounding error grows with the size
-# of the values: the default fp32 atol of an output is FP32_SCALE_TOL x its largest |reference| value (at least
-# the atol above), rtol 0. Measured with tools/measure_verify_noise.py (ONNX Runtime CPU against PyTorch; the
-# sample zoo, a tied-embedding Llama, a py: factory and GPT-2 small; base, merged and branched exports; seeds
-# 0-2 x shapes 2x16, 3x7, 1x23, 4x64): an honest export's max abs error is at most 9.5e-7 x that scale on the
-# tiny models (p50 2.5e-7) and 1.5e-6 x on GPT-2 small, while one weight element changed by 1e-2 moves an output
-# by 1.3e-5 x its scale (bert, a query weight) up to 5e-4 x (llama, q_proj). 5e-6 sits between the two, 3.4x
-# above the honest worst case; pass --atol for models whose own noise is larger.
-FP32_SCALE_TOL = 5e-6
 
 
 def default_atol(dtype: str, ref: np.ndarray) -> float:
-    """The dtype's default atol for an output whose reference values are `ref` (fp32: scaled, see above)."""
+    """The dtype's default atol for an output whose reference values are `ref` (fp32: scaled with the output,
+    `verify.tolerance.fp32_tolerance`)."""
     atol = DEFAULT_TOLERANCES[dtype][0]
     if dtype == "fp32" and np.size(ref):
-        finite = np.abs(np.asarray(ref, np.float64))
-        scale = float(finite[np.isfinite(finite)].max(initial=0.0))
-        atol = max(atol, float(f"{FP32_SCALE_TOL * scale:.2g}"))
+        atol = fp32_tolerance(ref, floor=atol).atol
     return atol
 
 
