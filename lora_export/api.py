@@ -440,15 +440,16 @@ def serve(
     on_ready: Callable[[str, list[str]], None] | None = None,
     stop: Any = None,
     **options: Any,
-) -> None:
+) -> bool:
     """Serve a decoder folder with the OpenAI-compatible API on Ray Serve until Ctrl-C / SIGTERM (or until the
     `threading.Event` `stop` is set); `options` are `serving.ServeConfig` fields (port, replicas,
-    max_batch_size, batch_wait_ms, address, api_key, ...). Nothing this started is left running."""
+    max_batch_size, batch_wait_ms, address, api_key, ...). Nothing this started is left running. True when a
+    signal (Ctrl-C, SIGTERM) ended it."""
     from lora_export.serving import ServeConfig
     from lora_export.serving import serve as run_server
 
     config = ServeConfig(str(folder), {k: str(v) for k, v in (adapters or {}).items()}, **options)
-    run_server(config, on_ready=on_ready, stop=stop)
+    return run_server(config, on_ready=on_ready, stop=stop)
 
 
 def _defaults_or_none(arch: str, module=None) -> list[str] | None:

@@ -21,6 +21,7 @@ from serve_oracle import DecoderFixture
 KEY = "test-key"
 STEP_MS = 20  # every decode step takes at least this long (serve --debug-step-delay-ms): on any machine, a long
 # generation outlasts a client that gives up early, so the disconnect test cannot race the machine's speed
+MAX_BYTES = 64 * 1024  # serve --max-request-bytes
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
@@ -34,6 +35,7 @@ def server(decoder, tmp_path_factory):
     port = free_port()
     args = [str(decoder.folder), "--port", str(port), "--api-key", KEY, "--max-batch-size", "16"]
     args += ["--batch-wait-ms", "30", "--threads", "1", "--debug-step-delay-ms", str(STEP_MS)]
+    args += ["--allow-runtime-adapters", "--max-request-bytes", str(MAX_BYTES)]
     # ad0..ad3 are in the folder (served as they are); ad0 is also given as its PEFT dir (that one wins);
     # ad4 is loaded at run time
     args += ["--adapter", f"ad0={decoder.adapters['ad0']}"]
@@ -41,7 +43,7 @@ def server(decoder, tmp_path_factory):
     proc.url = f"http://127.0.0.1:{port}/v1"
     yield proc
     code, alive = proc.stop()
-    assert code == 0, f"serve did not stop cleanly on Ctrl-C (exit {code}):\n{proc.tail()}"
+    assert code == 130, f"serve did not stop cleanly on Ctrl-C (exit {code}, want 130):\n{proc.tail()}"
     assert not alive, f"left running after Ctrl-C: {[p.pid for p in alive]}"
 
 
@@ -255,6 +257,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         "load under the base name": (
             _post(server, {"lora_name": decoder.base_name, "lora_path": "/x"}, path="/load_lora_adapter"), 400, None,
         ),
+        # hostile or loose input: a 4xx naming the parameter, never a 500 with the server's internals
+        "negative seed with sampling": (_post(server, {**ok, "seed": -1, "temperature": 1.0}), 400, "seed"),
+        "lone surrogate": (_post(server, b'{"model": "m", "prompt": "abc\\ud800def"}'), 400, "prompt"),
+        "nested 30,000 deep": (_post(server, b"{\"prompt\": " + b"[" * 30_000 + b"]" * 30_000 + b"}"), 400, None),
+        "max_tokens as a string": (_post(server, {**ok, "max_tokens": "8"}), 400, "max_tokens"),
+        "max_tokens as a bool": (_post(server, {**ok, "max_tokens": True}), 400, "max_tokens"),
+        "NaN temperature": (_post(server, b'{"model": "m", "prompt": "x", "temperature": NaN}'), 400, "temperature"),
+        "unknown field": (_post(server, {**ok, "frobnicate": 1}), 400, "frobnicate"),
+        "response_format": (_post(server, {**ok, "response_format": {"type": "json_object"}}), 400, "response_format"),
+        "top_logprobs": (_post(server, {**ok, "top_logprobs": 3}), 400, "top_logprobs"),
+        "repetition_penalty": (_post(server, {**ok, "repetition_penalty": 1.3}), 400, "repetition_penalty"),
+        "min_p": (_post(server, {**ok, "min_p": 0.1}), 400, "min_p"),
+        "tool_choice": (
+            _post(server, {"model": decoder.base_name, "messages": [{"role": "user", "content": "hi"}],
+                           "tool_choice": "auto"}, path="/chat/completions"), 400, "tool_choice",
+        ),
     }  # fmt: skip
     for what, (r, status, param) in cases.items():
         assert r.status_code == status, (what, r.status_code, r.text)
@@ -263,6 +281,9 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert error["type"] == "invalid_request_error", what
         if param is not None:
             assert error["param"] == param, (what, error)
+    leaks = ("Traceback", 'File "', "\x1b[", "pid=", "RayTaskError", "ray::", "/work/", "/tmp/")
+    for r, *_ in cases.values():  # nothing of the server reaches a client
+        assert not any(leak in r.text for leak in leaks), r.text
     assert cases["unknown model"][0].json()["error"]["code"] == "model_not_found"
     assert cases["wrong key"][0].json()["error"]["code"] == "invalid_api_key"
 
@@ -277,6 +298,38 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
 
     reply = client.completions.create(**ok, extra_body={"return_token_ids": True})  # still serving
     assert _ids(reply.choices[0]) == decoder.greedy(decoder.prompts[0], None, 3)
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(server, decoder):
+    big = {"model": decoder.base_name, "prompt": "x" * (MAX_BYTES + 10), "max_tokens": 1}
+    r = _post(server, big)
+    assert r.status_code == 413 and "max-request-bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit holds on the bytes received
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(MAX_BYTES // 4096 + 2):
+            yield b"x" * 4096
+        yield b'"}'
+
+    r = httpx2.post(server.url + "/completions", content=chunks(), timeout=60,
+                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == 413
+    ok = _post(server, {"model": decoder.base_name, "prompt": decoder.prompts[0], "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200  # and it keeps serving
+
+
+def test_openai_defaults_and_greedy_near_zero(client, decoder):
+    prompt = decoder.prompts[1]
+    none = client.completions.create(model=decoder.base_name, prompt=prompt, max_tokens=None, temperature=0)
+    assert none.usage.completion_tokens <= 16  # max_tokens null: OpenAI's 16, not the whole context
+    tiny = client.completions.create(model=decoder.base_name, prompt=prompt, max_tokens=8, temperature=5e-324,
+                                     extra_body={"return_token_ids": True})  # fmt: skip
+    assert _ids(tiny.choices[0]) == decoder.greedy(prompt, None, 8)[: len(_ids(tiny.choices[0]))]
+
+
+def test_models_show_no_server_paths(client):
+    for card in client.models.list().data:
+        assert not str(card.model_extra.get("root", "")).startswith("/"), card
 
 
 def test_client_sample_runs_against_the_server(server, decoder, capsys):

@@ -50,6 +50,18 @@ from lora_export.cli.app import cli
 )
 @click.option("--threads", type=click.IntRange(1), default=None, help="ONNX Runtime threads per replica.")
 @click.option(
+    "--max-request-bytes",
+    type=click.IntRange(1024),
+    default=4 * 2**20,
+    show_default=True,
+    help="Bigger request bodies are answered 413 before they are read whole.",
+)
+@click.option(
+    "--allow-runtime-adapters",
+    is_flag=True,
+    help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, as vLLM).",
+)
+@click.option(
     "--cpus-per-replica", type=click.FloatRange(0), default=1.0, show_default=True, help="Ray CPUs a replica reserves."
 )
 @click.option(
@@ -74,6 +86,8 @@ def serve(
     model_name,
     no_folder_adapters,
     threads,
+    max_request_bytes,
+    allow_runtime_adapters,
     cpus_per_replica,
     step_delay_ms,
 ):
@@ -98,6 +112,8 @@ def serve(
         cpus_per_replica=cpus_per_replica,
         folder_adapters=not no_folder_adapters,
         step_delay_ms=step_delay_ms,
+        max_request_bytes=max_request_bytes,
+        allow_runtime_adapters=allow_runtime_adapters,
     )
 
     def ready(url: str, models: list[str]) -> None:
@@ -105,7 +121,9 @@ def serve(
         display.err.print(f"[green]✓[/green] serving {url} (models: {names}); Ctrl-C to stop", highlight=False)
 
     try:
-        api.serve(folder, adapters=named, on_ready=ready, **options)
+        interrupted = api.serve(folder, adapters=named, on_ready=ready, **options)
     except KeyboardInterrupt:  # a second Ctrl-C during startup: what was started is stopped all the same
-        pass
+        interrupted = True
     display.err.print("stopped", highlight=False)
+    if interrupted:
+        raise click.exceptions.Exit(130)  # as the shell reports a command ended by Ctrl-C

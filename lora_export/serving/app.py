@@ -32,9 +32,7 @@ class EngineDeployment:
         from lora_export.serving.model import open_served_model
         from lora_export.serving.replica import ServeEngine
 
-        model, tokenizer = open_served_model(
-            config.folder, threads=config.threads, step_delay_ms=config.step_delay_ms
-        )
+        model, tokenizer = open_served_model(config.folder, threads=config.threads, step_delay_ms=config.step_delay_ms)
         try:
             replica = serve.get_replica_context().replica_tag
         except Exception:  # pragma: no cover - outside a replica
@@ -89,8 +87,8 @@ class IngressBackend:
     def model_cards(self) -> list[dict[str, Any]]:
         ctx = self._context_length
         base = self.config.model_name
-        cards = [p.model_card(base, root=self.config.folder, parent=None, max_model_len=ctx)]
-        cards += [p.model_card(r.name, root=r.path, parent=base, max_model_len=ctx) for r in self.table.refs()]
+        cards = [p.model_card(base, root=base, parent=None, max_model_len=ctx)]  # no server paths to clients
+        cards += [p.model_card(r.name, root=r.name, parent=base, max_model_len=ctx) for r in self.table.refs()]
         return cards
 
     def resolve(self, model: str) -> AdapterRef | None:
@@ -161,7 +159,13 @@ class IngressDeployment:
         self.backend = IngressBackend(engine, config)
 
     def __serve_build_asgi_app__(self):
-        return build_http_app(self.backend, api_key=self.backend.config.api_key)
+        config = self.backend.config
+        return build_http_app(
+            self.backend,
+            api_key=config.api_key,
+            max_request_bytes=config.max_request_bytes,
+            runtime_adapters=config.allow_runtime_adapters,
+        )
 
     async def check_startup_adapters(self) -> list[str]:
         return await self.backend.check_startup_adapters()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lora_export.artifacts.decoder_folder import read_folder
 from lora_export.errors import UserError
+from lora_export.models.sources import adapter_path
 
 
 @dataclass
@@ -28,10 +29,12 @@ class ServeConfig:
     folder_adapters: bool = True  # also serve the folder's adapters/NAME.onnx_adapter as NAME
     app_name: str = "lora-export"
     step_delay_ms: float = 0.0  # drills only: every decode step takes at least this long (see serving.model)
+    max_request_bytes: int = 4 * 2**20  # a bigger body is answered 413 before it is read whole
+    allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and unload (vLLM's opt-in)
 
     def __post_init__(self) -> None:
         self.folder = str(Path(self.folder).resolve())
-        self.adapters = {n: str(Path(p).resolve()) for n, p in self.adapters.items()}
+        self.adapters = {n: str(adapter_path(p).resolve()) for n, p in self.adapters.items()}  # sample: names too
         if self.model_name is None:
             self.model_name = Path(self.folder).name
         if self.address is None:
@@ -47,6 +50,8 @@ class ServeConfig:
             raise UserError(f"--debug-step-delay-ms must be 0 or more, got {self.step_delay_ms}")
         if self.batch_wait_ms < 0:
             raise UserError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
+        if self.max_request_bytes < 1024:
+            raise UserError(f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}")
         if not 0 < self.port < 65536:
             raise UserError(f"--port must be 1..65535, got {self.port}")
         for name, path in self.served_adapters().items():

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from lora_export.errors import UserError
+from lora_export.errors import MissingDependencyError, UserError
 from lora_export.serving.config import ServeConfig
 
 STARTUP_TIMEOUT_S = 600.0
@@ -25,12 +25,17 @@ def serve(
     *,
     on_ready: Callable[[str, list[str]], None] | None = None,
     stop: threading.Event | None = None,
-) -> None:
+) -> bool:
     """Serve until Ctrl-C / SIGTERM (or until `stop` is set); nothing started here is left running.
-    `on_ready(url, model names)` is called once the application answers."""
+    `on_ready(url, model names)` is called once the application answers. True when a signal ended it."""
     config.check()
-    import ray
-    from ray import serve as ray_serve
+    try:
+        import ray
+        from ray import serve as ray_serve
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"serving needs Ray Serve ({e.name or 'ray'} is not installed): pip install 'lora-export[serve]'"
+        ) from None
 
     from lora_export.serving.app import build_application
 
@@ -59,6 +64,7 @@ def serve(
         finally:
             signals.ignore()  # one Ctrl-C is enough: the shutdown below is bounded
             _shutdown(ray, ray_serve, config, started_ray, deployed)
+    return signals.received
 
 
 def _shutdown(ray, ray_serve, config: ServeConfig, started_ray: bool, deployed: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -47,8 +48,39 @@ class Backend(Protocol):
     async def stats(self) -> dict[str, Any]: ...
 
 
-def build_http_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
+DEFAULT_MAX_REQUEST_BYTES = 4 * 2**20
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it is known to be over `limit` bytes (its Content-Length, or
+    the bytes received so far): an oversized body is never read whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is over {limit} bytes: send a smaller request (serve --max-request-bytes).")
+
+
+def build_http_app(
+    backend: Backend,
+    *,
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    runtime_adapters: bool = True,
+) -> FastAPI:
     app = FastAPI(title="lora-export serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        return p.parse_json(await read_body(request, max_request_bytes))
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, e: ApiError):
@@ -60,9 +92,7 @@ def build_http_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, e: Exception):
-        log.exception("internal error")
-        error = ApiError(500, f"Internal server error: {type(e).__name__}: {e}")
-        return JSONResponse(error.body(), status_code=500)
+        return JSONResponse(internal_error(e).body(), status_code=500)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -87,29 +117,37 @@ def build_http_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     async def stats():
         return await backend.stats()
 
+    def check_runtime_adapters() -> None:
+        if not runtime_adapters:
+            raise ApiError(
+                403, "Loading and unloading adapters at run time is off: start serve with --allow-runtime-adapters."
+            )
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request):
-        body = p.validate(p.LoadLoRAAdapterRequest, p.parse_json(await request.body()))
+        check_runtime_adapters()
+        body = p.validate(p.LoadLoRAAdapterRequest, await body_of(request))
         await backend.load_adapter(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
-        body = p.validate(p.UnloadLoRAAdapterRequest, p.parse_json(await request.body()))
+        check_runtime_adapters()
+        body = p.validate(p.UnloadLoRAAdapterRequest, await body_of(request))
         await backend.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = p.validate(p.CompletionRequest, p.parse_json(await request.body()))
+        body = p.validate(p.CompletionRequest, await body_of(request))
         body.check_supported()
         adapter = backend.resolve(body.model)
-        reqs = [EngineRequest(x, None, adapter, body.sampling(body.max_tokens)) for x in body.prompts()]
+        reqs = [EngineRequest(x, None, adapter, body.sampling(body.limit())) for x in body.prompts()]
         return await _answer(body, reqs, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = p.validate(p.ChatCompletionRequest, p.parse_json(await request.body()))
+        body = p.validate(p.ChatCompletionRequest, await body_of(request))
         body.check_supported()
         adapter = backend.resolve(body.model)
         reqs = [EngineRequest(None, body.conversation(), adapter, body.sampling(body.limit()))]
@@ -133,13 +171,23 @@ def build_http_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
         choices = []
         for i, res in enumerate(results):
             if res.get("error"):
-                raise ApiError(500, f"Generation failed: {res['error']}")
+                raise internal_error(RuntimeError(res["error"]))
             make = p.chat_choice if chat else p.completion_choice
             choices.append(make(i, res["text"], p.finish_reason(res["finish"]), res["ids"] if ids else None))
         use = p.usage(sum(r["prompt_tokens"] for r in results), sum(r["completion_tokens"] for r in results))
         return (p.chat_reply if chat else p.completion_reply)(rid, body.model, choices, use)
 
     return app
+
+
+def internal_error(e: BaseException) -> ApiError:
+    """A 500 that tells the client nothing of the server (no traceback, path, pid, address) but a request id
+    to quote; the server logs one line with that id, the traceback at debug level."""
+    rid = uuid.uuid4().hex[:12]
+    detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    log.error("internal error %s: %s: %s", rid, type(e).__name__, detail)
+    log.debug("internal error %s", rid, exc_info=e)
+    return ApiError(500, f"Internal server error (request id {rid}): the server logged the details.")
 
 
 async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -192,7 +240,7 @@ async def _sse(
         async for i, event in events:
             if "finish" in event:
                 if event.get("error"):
-                    yield p.sse(ApiError(500, f"Generation failed: {event['error']}").body())
+                    yield p.sse(internal_error(RuntimeError(event["error"])).body())
                     continue
                 completion_tokens += event["completion_tokens"]
                 choice = p.chunk_choice(i, chat, "", p.finish_reason(event["finish"]), [] if with_ids else None)

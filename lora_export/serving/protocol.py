@@ -11,8 +11,11 @@ Plain pydantic and dicts (no FastAPI, no Ray), shaped as OpenAI's API and vLLM's
   401 missing/wrong key, 404 unknown model or adapter, 500 our bug, 503 not ready);
 - vLLM's runtime adapter endpoints: `{"lora_name", "lora_path"}` and `{"lora_name"}`.
 
-Parameters OpenAI defines that this server does not implement (`n` > 1, `best_of`, `echo`, `logprobs`,
-`suffix`, `logit_bias`, penalties, tools) are refused with a 400 naming the parameter, never ignored.
+Parameters OpenAI (or vLLM) defines that this server does not implement (`n` > 1, `best_of`, `echo`,
+`logprobs`, `top_logprobs`, `suffix`, `logit_bias`, penalties, `repetition_penalty`, `min_p`, tools and
+functions, `response_format`) are refused with a 400 naming the parameter, never ignored; so is any field
+OpenAI does not define. Types are OpenAI's, strictly: `"8"` or `true` is not a number. A temperature below
+`GREEDY_BELOW` is greedy (as vLLM).
 """
 
 from __future__ import annotations
@@ -59,36 +62,70 @@ def model_not_found(name: str) -> ApiError:
     )
 
 
+MAX_DEPTH = 32  # JSON nesting a request may have (OpenAI's own bodies need 5)
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy: sampling at them only overflows
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"The request body is not valid JSON ({e}): send a JSON object.") from None
+    except RecursionError:
+        raise ApiError(400, f"The request body is nested too deeply (at most {MAX_DEPTH} levels).") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    _check_values(body)
     return body
+
+
+def _check_values(body: dict[str, Any]) -> None:
+    """Nesting depth, and text that is not valid Unicode (a lone surrogate such as "\\ud800"), named by field."""
+    todo: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while todo:
+        value, where, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(400, f"The request body is nested too deeply (at most {MAX_DEPTH} levels).")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                field = where.split(".")[0].split("[")[0] or None
+                raise ApiError(400, f"'{where}' is not valid Unicode text (a lone surrogate).", param=field) from None
+        elif isinstance(value, dict):
+            todo += [(v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
 
 
 def validate(model: type[BaseModel], body: dict[str, Any]) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        first = e.errors()[0]
+        errors = e.errors()
+        unknown = [".".join(str(p) for p in x["loc"]) for x in errors if x["type"] == "extra_forbidden"]
+        if unknown:
+            names = ", ".join(f"'{u}'" for u in unknown)
+            raise ApiError(
+                400, f"Unrecognized request argument{'s' * (len(unknown) > 1)} supplied: {names}.", param=unknown[0]
+            ) from None
+        first = errors[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ApiError(400, f"Invalid value for '{where}': {first['msg']}.", param=where or None) from None
+        top = str(first["loc"][0]) if first["loc"] else None
+        raise ApiError(400, f"Invalid value for '{where}': {first['msg']}.", param=top) from None
 
 
 # -- requests ------------------------------------------------------------------------------------------------
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1)  # vLLM: -1 or 0 = off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -99,8 +136,12 @@ class _Request(BaseModel):
     best_of: int | None = None
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = None
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = None  # vLLM's
+    min_p: float | None = None  # vLLM's
+    response_format: Any = None
     user: str | None = None
 
     def check_supported(self) -> None:
@@ -108,9 +149,13 @@ class _Request(BaseModel):
             "n": self.n != 1,
             "best_of": self.best_of not in (None, 1),
             "logprobs": self.logprobs not in (None, False, 0),
+            "top_logprobs": self.top_logprobs not in (None, 0),
             "logit_bias": bool(self.logit_bias),
             "presence_penalty": bool(self.presence_penalty),
             "frequency_penalty": bool(self.frequency_penalty),
+            "repetition_penalty": self.repetition_penalty not in (None, 1.0),
+            "min_p": bool(self.min_p),
+            "response_format": self.response_format not in (None, {"type": "text"}),
         }
         for name, bad in refused.items():
             if bad:
@@ -128,10 +173,11 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
+        temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else 0,  # 0: the engine fills in "up to the context"
-            temperature=self.temperature,
-            top_p=self.top_p,
+            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k, 0),
             seed=self.seed,
             stop=self.stops(),
@@ -142,9 +188,12 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # null: OpenAI's 16 as well
     echo: bool = False
     suffix: str | None = None
+
+    def limit(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -190,11 +239,16 @@ class ChatCompletionRequest(_Request):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise ApiError(400, "'tools' is not supported by this server.", param="tools")
+        for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
+            if getattr(self, name) not in (None, [], "none"):
+                raise ApiError(400, f"'{name}' is not supported by this server.", param=name)
         _check_max_tokens(self.max_tokens, "max_tokens")
         _check_max_tokens(self.max_completion_tokens, "max_completion_tokens")
 
@@ -206,11 +260,15 @@ class ChatCompletionRequest(_Request):
 
 
 class LoadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     lora_name: str = Field(min_length=1)
 
 

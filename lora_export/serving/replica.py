@@ -218,8 +218,8 @@ class ServeEngine:
         sreq = None
         finished = False
         try:
-            try:
-                sreq = self.prepare(req)
+            try:  # tokenizing a long prompt off the event loop: other requests on this replica go on meanwhile
+                sreq = await loop.run_in_executor(None, self.prepare, req)
                 if req.adapter is not None:
                     await loop.run_in_executor(None, self.ensure_adapter, req.adapter)
             except ApiError as e:

@@ -1,0 +1,109 @@
+"""The OpenAI request layer without Ray or HTTP: strict types, OpenAI defaults, refused parameters by name,
+hostile bodies answered 400, and `serve` without Ray installed (exit 3, one line)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lora_export.serving import protocol as p
+
+BASE = {"model": "m", "prompt": "hi"}
+
+
+def parsed(body: dict | bytes, cls=p.CompletionRequest):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = p.validate(cls, p.parse_json(raw))
+    req.check_supported()
+    return req
+
+
+def refused(body, cls=p.CompletionRequest) -> p.ApiError:
+    with pytest.raises(p.ApiError) as e:
+        parsed(body, cls)
+    assert e.value.status == 400 and e.value.message and "\n" not in e.value.message
+    return e.value
+
+
+def test_openai_defaults():
+    req = parsed(BASE)
+    s = req.sampling(req.limit())
+    assert (s.max_tokens, s.temperature, s.top_p) == (16, 1.0, 1.0)
+    assert parsed({**BASE, "max_tokens": None}).limit() == 16  # null is OpenAI's 16, not the context
+    assert parsed({**BASE, "temperature": 0}).sampling(16).temperature == 0.0  # an int is a number
+
+
+@pytest.mark.parametrize("t", [5e-324, 1e-9, 9e-6])
+def test_temperatures_near_zero_are_greedy(t):
+    assert parsed({**BASE, "temperature": t}).sampling(16).temperature == 0.0
+    assert parsed({**BASE, "temperature": 2e-5}).sampling(16).temperature == 2e-5
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"seed": -1}, "seed"),
+        ({"stream": "yes"}, "stream"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_p": 0.05}, "min_p"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"n": 2}, "n"),
+        ({"echo": True}, "echo"),
+    ],
+)
+def test_bad_or_unsupported_parameters_are_named(extra, param):
+    assert refused({**BASE, **extra}).param == param
+
+
+def test_unknown_fields_are_all_named():
+    e = refused({**BASE, "foo": 1, "bar": 2})
+    assert "'foo'" in e.message and "'bar'" in e.message
+
+
+@pytest.mark.parametrize("field", ["tools", "tool_choice", "functions", "function_call"])
+def test_chat_tools_are_refused(field):
+    value = [{"type": "function"}] if field in ("tools", "functions") else "auto"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
+    assert refused(body, p.ChatCompletionRequest).param == field
+
+
+def test_hostile_bodies():
+    assert refused(b'{"model": "m", "prompt": "abc\\ud800def"}').param == "prompt"  # a lone surrogate
+    e = refused(b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', p.ChatCompletionRequest)
+    assert e.param == "messages"
+    assert "nested too deeply" in refused(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}").message
+    deep = {"model": "m", "prompt": "x", "stream_options": json.loads("[" * 40 + "]" * 40)}  # under json's limit
+    assert "nested too deeply" in refused(deep).message
+    assert refused(b'{"model": "m", "prompt": "x", "temperature": NaN}').param == "temperature"
+
+
+def test_internal_errors_say_nothing_of_the_server():
+    from lora_export.serving.openai_api import internal_error
+
+    e = internal_error(RuntimeError("boom at /work/secret.py line 3, pid 1234"))
+    assert e.status == 500 and "request id" in e.message
+    assert "/work" not in e.message and "1234" not in e.message and "boom" not in e.message
+
+
+def test_serve_without_ray_exits_3_with_one_line(serve_decoder):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+        "from lora_export.cli import main\n"
+        f"sys.argv = ['lora-export', 'serve', {str(serve_decoder.folder)!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "lora-export[serve]" in lines[0], proc.stderr
