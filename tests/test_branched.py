@@ -126,6 +126,7 @@ def test_bank_mixed_batch_matches_peft_row_by_row(setups, arch, formulation, tmp
         for a in adapters:
             sess.load_adapter(a.name, a)
         got = sess.run(feeds, adapters=rows)
+        assert sess.store._tmp is None  # a bank packs nothing: no temp dir to leave behind if the process is killed
         with pytest.raises(AdapterError, match="out of range"):
             sess.run({**feeds, "adapter_index": np.array([0, 1, 7, -1, 0, 0])})
         too_big = read_adapter(save_adapter(build_peft(s["loaded"], seed=1, **_cfg(arch, 32)), tmp_path / "r32"))

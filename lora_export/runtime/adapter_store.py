@@ -48,7 +48,7 @@ class AdapterStore:
         self._bank_cache: OrderedDict[tuple[tuple[str, int], ...], dict[str, Any]] = OrderedDict()
         self._generations = itertools.count()
         self._use_ort_adapters = use_ort_adapters
-        self._tmp = tempfile.TemporaryDirectory(prefix="lora_adapters_")
+        self._tmp: tempfile.TemporaryDirectory | None = None  # made on the first packed adapter (inputs layout)
 
     @property
     def layout(self) -> str:
@@ -57,6 +57,8 @@ class AdapterStore:
     @property
     def folder(self) -> str:
         """Where packed `.onnx_adapter` files of resident adapters live (one per inputs-layout adapter)."""
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="lora_adapters_")
         return self._tmp.name
 
     def load(self, name: str, source: str | Path | Adapter, *, allow_nonfinite: bool = False) -> Adapter:
@@ -80,7 +82,7 @@ class AdapterStore:
         tensors = self.slots.adapter_feeds(resident.adapter)  # A/B, DoRA scales, modules_to_save, graph dtype
         if self._use_ort_adapters:
             try:
-                path = Path(self._tmp.name) / f"{resident.generation}.onnx_adapter"
+                path = Path(self.folder) / f"{resident.generation}.onnx_adapter"
                 write_packed(tensors, path)
                 lora = ort.LoraAdapter()
                 lora.Load(str(path))
@@ -158,7 +160,8 @@ class AdapterStore:
         with self._lock:
             self._resident = {}
             self._bank_cache = OrderedDict()
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def check_adapter_name(name: object) -> str:
