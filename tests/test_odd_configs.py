@@ -100,3 +100,56 @@ def test_branched_export_of_a_modules_to_save_head_matches_peft(tmp_path, arch, 
     err = float(np.abs(got - want).max())
     assert err < 1e-4, err
     assert float(np.abs(want - base).max()) > 100 * max(err, 1e-6)  # the adapter (LoRA + head) really moves it
+
+
+# -- graph inputs the model's tokenizer does not produce -----------------------------------------------------------
+
+
+def _write_tokenizer(folder, vocab_size: int, input_names: list[str]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)} | {"[UNK]": vocab_size - 2, "[PAD]": vocab_size - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", model_input_names=input_names
+    ).save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("arch", "tokenizer_inputs", "expected"),
+    [
+        ("roberta", ["input_ids", "attention_mask"], ["input_ids", "attention_mask"]),
+        ("bert", ["input_ids", "token_type_ids", "attention_mask"], ["input_ids", "attention_mask", "token_type_ids"]),
+        ("roberta", None, ["input_ids", "attention_mask", "token_type_ids"]),  # no tokenizer: what the model takes
+    ],
+)
+def test_token_type_ids_only_when_the_tokenizer_produces_them(tmp_path, arch, tokenizer_inputs, expected):
+    import numpy as np
+    import onnxruntime as ort
+    from arch_zoo import build
+    from conftest import make_random_adapter
+
+    from lora_export.models import load_model
+
+    loaded = build(arch, "seq-cls", type_vocab_size=2)  # RobertaConfig's default: 2 (roberta-base has 1)
+    loaded.module.save_pretrained(tmp_path / "model")
+    if tokenizer_inputs is not None:
+        _write_tokenizer(tmp_path / "model", 60, tokenizer_inputs)
+    from_dir = load_model(str(tmp_path / "model"))
+    assert from_dir.input_names == expected
+    if tokenizer_inputs is None:
+        return
+    adapter = make_random_adapter(from_dir, targets=["query", "value"], seed=2)
+    graph = tmp_path / "merged.onnx"
+    outcome = api.merge_and_export(from_dir, adapter, graph)  # its own verify runs on the graph's inputs
+    assert outcome.report is None or outcome.report.passed
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == expected
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "model"), local_files_only=True)
+    enc = dict(tok(["w1 w2 w3 w4", "w5 w6"], padding=True, return_tensors="np"))
+    got = session.run(["logits"], {k: v.astype(np.int64) for k, v in enc.items()})[0]  # the tokenizer's output only
+    assert got.shape == (2, 2) and np.isfinite(got).all()
