@@ -153,3 +153,19 @@ def test_token_type_ids_only_when_the_tokenizer_produces_them(tmp_path, arch, to
     enc = dict(tok(["w1 w2 w3 w4", "w5 w6"], padding=True, return_tensors="np"))
     got = session.run(["logits"], {k: v.astype(np.int64) for k, v in enc.items()})[0]  # the tokenizer's output only
     assert got.shape == (2, 2) and np.isfinite(got).all()
+
+
+def test_an_exporter_device_mismatch_names_its_cause_not_the_return_type_advice():
+    from lora_export.export.trace import export_advice, root_cause
+
+    class FakeTensorDeviceMismatchError(RuntimeError):
+        pass
+
+    wrapped = RuntimeError("Failed to export the model with torch.export")
+    wrapped.__cause__ = FakeTensorDeviceMismatchError(
+        "Expected all tensors to be on the same device, but found at least two devices, cpu and meta!"
+    )
+    advice = export_advice(wrapped)
+    assert "cpu and meta" in root_cause(wrapped)
+    assert "another device" in advice and "meta" in advice and "return tensors only" not in advice
+    assert "return tensors only" in export_advice(RuntimeError("Unsupported: DynamicCache output"))
