@@ -9,7 +9,8 @@ is the corruption `verify` must catch.
 
     python tools/measure_verify_noise.py [--large] [--json out.json]
 
-The fp32 defaults in `lora_export.verify.parity` come from this distribution (see its docstring).
+The fp32 tolerance in `lora_export.verify.tolerance` (used by `verify` and the decoder check) comes from this
+distribution (see its docstring).
 """
 
 from __future__ import annotations

@@ -219,12 +219,13 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 
 
 def _saved_module(key: str, names: list[str]) -> tuple[str, str] | None:
-    """(module, parameter) when `key` is a parameter of a module named in `modules_to_save` (PEFT matches the
-    module path's end), else None."""
+    """(module, parameter) when `key` is a parameter of a module named in `modules_to_save`, else None. PEFT
+    matches the module path's plain end (`key.endswith(name)`), so `classifier` also saves DistilBERT's
+    `pre_classifier`."""
     parts = key.split(".")
     for i in range(1, len(parts)):
         module = ".".join(parts[:i])
-        if any(module == n or module.endswith(f".{n}") for n in names):
+        if any(module.endswith(n) for n in names):
             return module, ".".join(parts[i:])
     return None
 

@@ -182,11 +182,43 @@ def _load_transformers_dir(path: Path, spec: str, lazy: bool = False) -> LoadedM
     if files is not None:
         loaded = _wrap_skeleton(module, spec, lambda: _load_transformers_dir(path, spec))
         if loaded.rebuild is None:  # it needed its weights after all
-            return loaded
+            return _drop_inputs_the_tokenizer_lacks(loaded, path)
         loaded.checkpoint = path
     else:
         loaded = wrap_transformers(module, spec)
+    _drop_inputs_the_tokenizer_lacks(loaded, path)
     loaded.extra["model_dir"] = str(path)  # where its tokenizer files are (spec may be sample:e2e)
+    return loaded
+
+
+OPTIONAL_TEXT_INPUTS = ("token_type_ids",)  # the model makes its own default (zeros) when they are not given
+
+
+def tokenizer_input_names(path: Path) -> list[str] | None:
+    """The inputs the model directory's tokenizer returns (`model_input_names`), None without a tokenizer."""
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        return None
+    import transformers
+
+    try:
+        return list(transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True).model_input_names)
+    except Exception:  # an unreadable tokenizer: keep the inputs the model takes
+        return None
+
+
+def _drop_inputs_the_tokenizer_lacks(loaded: LoadedModel, path: Path) -> LoadedModel:
+    """Graph inputs the model's own tokenizer never returns (RoBERTa's tokenizer and `token_type_ids`) are left
+    to the model's default, so the graph runs on the tokenizer's output alone."""
+    optional = [n for n in OPTIONAL_TEXT_INPUTS if n in loaded.input_names]
+    produced = tokenizer_input_names(path) if optional else None
+    dropped = [n for n in optional if produced is not None and n not in produced]
+    if dropped:
+        names = [n for n in loaded.input_names if n not in dropped]
+        vocab = int(loaded.extra.get("config", {}).get("vocab_size", 0) or 2)
+        loaded.input_names = names
+        loaded.dynamic_axes = {k: v for k, v in loaded.dynamic_axes.items() if k not in dropped}
+        loaded.make_inputs = lambda b, s, seed: inputs_mod.text_inputs(names, vocab, b, s, seed)
+        loaded.extra["dropped_inputs"] = dropped
     return loaded
 
 
