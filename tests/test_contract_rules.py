@@ -162,6 +162,7 @@ def room_of(module: str) -> str:
 
 def arrows_up(graph: dict[str, set[str]]) -> list[str]:
     floor = {room: n for n, rooms in enumerate(FLOORS) for room in rooms}
+
     def up(m: str, d: str) -> bool:  # a higher floor, or another room on the same floor
         here, there = floor[room_of(m)], floor[room_of(d)]
         return there > here or (there == here and room_of(d) != room_of(m))

@@ -133,7 +133,7 @@ def test_unload_removes_the_packed_file(sample_cache, export_cache):
     loaded = sample_cache("gpt2")
     with LoraSession(export_cache("gpt2")) as sess:
         sess.load_adapter("x", make_random_adapter(loaded, seed=1))
-        folder = sess._tmp.name
+        folder = sess.store.folder
         import os
 
         assert len(os.listdir(folder)) == 1

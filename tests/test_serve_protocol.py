@@ -107,3 +107,23 @@ def test_serve_without_ray_exits_3_with_one_line(serve_decoder):
     assert proc.returncode == 3, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "lora-export[serve]" in lines[0], proc.stderr
+
+
+def test_adapter_dir_registers_without_loading_and_refuses_a_broken_entry(serve_decoder, tmp_path):
+    from lora_export.errors import UserError
+    from lora_export.serving import ServeConfig
+
+    root = tmp_path / "adapters"
+    for name in ("alpha", "beta"):
+        (root / name).mkdir(parents=True)
+        (root / name / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["c_attn"]}))
+        (root / name / "adapter_model.safetensors").write_bytes(b"")  # read when first used, not at start
+    (root / "notes").mkdir()  # not an adapter: ignored
+    config = ServeConfig(str(serve_decoder.folder), adapter_dirs=[str(root)], folder_adapters=False)
+    config.check()
+    assert set(config.served_adapters()) == {"alpha", "beta"}
+    assert config.checked_at_start() == {}  # registered only: nothing is loaded at start-up
+    (root / "gamma").mkdir()
+    (root / "gamma" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="gamma/adapter_config.json is not readable JSON"):
+        ServeConfig(str(serve_decoder.folder), adapter_dirs=[str(root)]).served_adapters()

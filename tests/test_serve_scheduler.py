@@ -344,3 +344,71 @@ def test_scheduler_on_the_real_decoder_rows_join_and_leave_and_match_alone(serve
     st = sched.stats
     assert st.batches_formed == 1 and st.mixed_batches == 1 and st.joins == 1 and st.joined_rows == 3
     assert st.max_rows == 6 and st.mixed_steps >= st.steps - 2  # only ad4's last tokens ran alone
+
+
+def test_at_most_m_adapters_per_batch_and_every_row_still_correct():
+    model = FakeModel()
+    sched = Scheduler(model, max_batch_size=8, batch_wait_ms=0, max_adapters_per_batch=2)
+    adapters = ["a", "b", "c", "a", "d", "b", None, "c"]
+    streams = [sched.submit(Request([i + 1], a, greedy(3))) for i, a in enumerate(adapters)]
+    drain(sched)
+    for s, a, i in zip(streams, adapters, range(len(adapters))):
+        assert s.collect(timeout=1)[0] == alone(a, [i + 1], 3)
+    for kind, rows in model.calls:
+        if kind in ("prefill", "step"):
+            assert len(set(rows)) <= 2, (kind, rows)  # never more than M distinct adapters in a forward
+    assert sched.stats.finished == len(adapters)
+
+
+def test_a_rare_adapter_is_not_starved_by_busy_ones():
+    """Rows of busy adapters keep arriving; the one rare row, older than them, gets in before they do."""
+    model = FakeModel()
+    sched = Scheduler(model, max_batch_size=4, batch_wait_ms=0, max_adapters_per_batch=2)
+    first = [sched.submit(Request([i], a, greedy(4))) for i, a in enumerate(["a", "b"])]
+    sched.step(timeout=0)  # a and b running
+    rare = sched.submit(Request([9], "rare", greedy(2)))
+    later = [sched.submit(Request([20 + i], "ab"[i % 2], greedy(2))) for i in range(6)]  # fit a running adapter
+    drain(sched)
+    prefills = [rows for kind, rows in model.calls if kind == "prefill"]
+    rare_at = next(i for i, rows in enumerate(prefills) if "rare" in rows)
+    later_at = next(i for i, rows in enumerate(prefills) if i > 0 and {"a", "b"} & set(rows))
+    assert rare_at <= later_at  # first come, first served: the busy adapters' later rows did not overtake it
+    assert rare.collect(timeout=1)[0] == alone("rare", [9], 2)
+    assert all(s.collect(timeout=1)[2].reason == "length" for s in [*first, *later])
+
+
+class FakeServed(FakeModel):
+    layout, context_length, vocab_size, eos_token_ids = "bank", 64, VOCAB, ()
+
+    def __init__(self):
+        super().__init__()
+        self.loaded: list[str] = []
+        self.unloaded: list[str] = []
+
+    def load_adapter(self, name, path):
+        self.loaded.append(name)
+
+    def unload_adapter(self, name):
+        self.unloaded.append(name)
+
+
+def test_the_replica_keeps_at_most_n_adapters_loaded_least_recently_used_out_first():
+    from lora_export.serving.protocol import AdapterRef
+    from lora_export.serving.replica import ServeEngine
+
+    model = FakeServed()
+    engine = ServeEngine(model, max_cpu_adapters=2, batch_wait_ms=0)
+    try:
+        refs = {n: AdapterRef(n, f"/x/{n}", 1) for n in "abcde"}
+        for n in "abc":
+            engine.ensure_adapter(refs[n])
+        assert model.unloaded == ["a@1"] and engine.resident() == ["b@1", "c@1"]
+        engine._hold("b@1")  # a request is using b: it stays whatever the cache wants
+        for n in "de":
+            engine.ensure_adapter(refs[n])
+        assert "b@1" in engine.resident() and model.unloaded == ["a@1", "c@1", "d@1"]
+        engine._release("b@1")
+        engine.ensure_adapter(refs["a"])  # a cold adapter loads again; b, now idle and oldest, goes
+        assert engine.resident() == ["a@1", "e@1"] and engine.stats()["adapter_evictions"] == 4
+    finally:
+        engine.close()

@@ -150,4 +150,3 @@ bank_formulation_option = click.option(
     "rank slots (fastest with few distinct adapters per batch); gather: each row's own A and B (cost per row "
     "independent of the number of adapters; for many adapters per batch).",
 )
-

@@ -57,6 +57,26 @@ from lora_export.cli.app import cli
     help="Bigger request bodies are answered 413 before they are read whole.",
 )
 @click.option(
+    "--adapter-dir",
+    "adapter_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Register every PEFT adapter directory (and .onnx_adapter file) under DIR by its name; each is loaded "
+    "when a request first names it. Repeatable.",
+)
+@click.option(
+    "--max-cpu-adapters",
+    type=click.IntRange(1),
+    default=None,
+    help="Adapters a replica keeps loaded (least recently used unloaded first; as vLLM's --max-cpu-loras).",
+)
+@click.option(
+    "--max-adapters-per-batch",
+    type=click.IntRange(1),
+    default=None,
+    help="Distinct adapters in one batch (bank folders; as vLLM's --max-loras); rows of others wait their turn.",
+)
+@click.option(
     "--allow-runtime-adapters",
     is_flag=True,
     help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, as vLLM).",
@@ -87,6 +107,9 @@ def serve(
     no_folder_adapters,
     threads,
     max_request_bytes,
+    adapter_dirs,
+    max_cpu_adapters,
+    max_adapters_per_batch,
     allow_runtime_adapters,
     cpus_per_replica,
     step_delay_ms,
@@ -114,10 +137,13 @@ def serve(
         step_delay_ms=step_delay_ms,
         max_request_bytes=max_request_bytes,
         allow_runtime_adapters=allow_runtime_adapters,
+        adapter_dirs=list(adapter_dirs),
+        max_cpu_adapters=max_cpu_adapters,
+        max_adapters_per_batch=max_adapters_per_batch,
     )
 
     def ready(url: str, models: list[str]) -> None:
-        names = ", ".join(models)
+        names = ", ".join(models[:8]) + (f" and {len(models) - 8} more" if len(models) > 8 else "")
         display.err.print(f"[green]✓[/green] serving {url} (models: {names}); Ctrl-C to stop", highlight=False)
 
     try:

@@ -21,9 +21,7 @@ def adapter_path(source: str | Path) -> Path:
     return Path(source)
 
 
-def open_adapter(
-    source: str | Path | Adapter, *, name: str | None = None, allow_nonfinite: bool = False
-) -> Adapter:
+def open_adapter(source: str | Path | Adapter, *, name: str | None = None, allow_nonfinite: bool = False) -> Adapter:
     """An `Adapter` as it is, else the adapter read from `source` (named `name`, else after its file)."""
     if isinstance(source, Adapter):
         return source

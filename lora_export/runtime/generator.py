@@ -479,4 +479,3 @@ def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     return [int(i) for i in ids]
-

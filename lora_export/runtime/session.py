@@ -44,7 +44,6 @@ class LoraSession:
         self.model_inputs = {i.name for i in self.session.get_inputs()} - {ADAPTER_INDEX}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.store = AdapterStore(self.slots, use_ort_adapters=use_ort_adapters)
-        self._tmp = self.store._tmp  # the packed adapters' folder
 
     @property
     def layout(self) -> str:

@@ -38,7 +38,13 @@ class EngineDeployment:
         except Exception:  # pragma: no cover - outside a replica
             replica = f"pid{os.getpid()}"
         self.engine = ServeEngine(
-            model, tokenizer, max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms, replica=replica
+            model,
+            tokenizer,
+            max_batch_size=config.max_batch_size,
+            batch_wait_ms=config.batch_wait_ms,
+            replica=replica,
+            max_cpu_adapters=config.max_cpu_adapters,
+            max_adapters_per_batch=config.max_adapters_per_batch,
         )
 
     async def stream(self, request: EngineRequest, live: LiveTable) -> AsyncIterator[dict[str, Any]]:
@@ -130,7 +136,8 @@ class IngressBackend:
     async def check_startup_adapters(self) -> list[str]:
         """Load every --adapter once (on one replica): the error lines of those that fail."""
         errors = []
-        for ref in self.table.refs():
+        checked = self.config.checked_at_start()
+        for ref in (r for r in self.table.refs() if checked.get(r.name) == r.path):
             rejected = await self.engine.check_adapter.remote(ref)
             if rejected is not None:
                 errors.append(rejected["body"]["error"]["message"])

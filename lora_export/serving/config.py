@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,14 @@ class ServeConfig:
     step_delay_ms: float = 0.0  # drills only: every decode step takes at least this long (see serving.model)
     max_request_bytes: int = 4 * 2**20  # a bigger body is answered 413 before it is read whole
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and unload (vLLM's opt-in)
+    adapter_dirs: list[str] = field(default_factory=list)  # every adapter under these, registered, loaded lazily
+    max_cpu_adapters: int | None = None  # adapters a replica keeps loaded (LRU); None: every one it has used
+    max_adapters_per_batch: int | None = None  # distinct adapters in one batch (bank folders)
 
     def __post_init__(self) -> None:
         self.folder = str(Path(self.folder).resolve())
         self.adapters = {n: str(adapter_path(p).resolve()) for n, p in self.adapters.items()}  # sample: names too
+        self.adapter_dirs = [str(Path(d).resolve()) for d in self.adapter_dirs]
         if self.model_name is None:
             self.model_name = Path(self.folder).name
         if self.address is None:
@@ -50,6 +55,12 @@ class ServeConfig:
             raise UserError(f"--debug-step-delay-ms must be 0 or more, got {self.step_delay_ms}")
         if self.batch_wait_ms < 0:
             raise UserError(f"--batch-wait-ms must be 0 or more, got {self.batch_wait_ms}")
+        for name, value in (
+            ("max-cpu-adapters", self.max_cpu_adapters),
+            ("max-adapters-per-batch", self.max_adapters_per_batch),
+        ):
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be at least 1, got {value}")
         if self.max_request_bytes < 1024:
             raise UserError(f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}")
         if not 0 < self.port < 65536:
@@ -61,14 +72,49 @@ class ServeConfig:
                 raise UserError(f"adapter {name!r}: {path} does not exist")
 
     def served_adapters(self) -> dict[str, str]:
-        """The adapters served from the start: the folder's own (unless turned off), then --adapter ones."""
+        """The adapters served from the start: the folder's own (unless turned off), those registered from
+        --adapter-dir, then --adapter ones (a later source wins a name)."""
         from lora_export.serving.model import folder_adapters
 
         own = folder_adapters(self.folder) if self.folder_adapters else {}
-        return {**own, **self.adapters}
+        return {**own, **self.registered_adapters(), **self.adapters}
+
+    def checked_at_start(self) -> dict[str, str]:
+        """The adapters loaded once at start-up (a broken one stops `serve`): all but --adapter-dir's, which
+        are only registered (checked on disk) and loaded when first asked for."""
+        registered = self.registered_adapters()
+        return {n: p for n, p in self.served_adapters().items() if registered.get(n) != p}
+
+    def registered_adapters(self) -> dict[str, str]:
+        """NAME -> path for every PEFT adapter directory (adapter_config.json) and `.onnx_adapter` file directly
+        under each --adapter-dir; a broken entry is refused in one line."""
+        out: dict[str, str] = {}
+        for root in map(Path, self.adapter_dirs):
+            if not root.is_dir():
+                raise UserError(f"--adapter-dir {root} is not a directory: give a folder of adapter directories")
+            for entry in sorted(root.iterdir()):
+                if entry.is_dir() and (entry / "adapter_config.json").is_file():
+                    _check_registered(entry)
+                    out[entry.name] = str(entry)
+                elif entry.suffix == ".onnx_adapter":
+                    out[entry.stem] = str(entry)
+        return out
 
     def context_length(self) -> int:
         return read_folder(self.folder).facts.context_length
+
+
+def _check_registered(entry: Path) -> None:
+    """A registered PEFT directory is readable as one: its config is a JSON object with a rank, its weights
+    exist (the tensors themselves are read when the adapter is first used)."""
+    try:
+        config = json.loads((entry / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--adapter-dir: {entry.name}/adapter_config.json is not readable JSON ({e})") from None
+    if not isinstance(config, dict) or "r" not in config:
+        raise UserError(f"--adapter-dir: {entry.name}/adapter_config.json is not a LoRA config (no 'r')")
+    if not any((entry / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(f"--adapter-dir: {entry.name} has no adapter_model.safetensors")
 
 
 def parse_adapter_option(values: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
@@ -45,8 +45,11 @@ class ServeEngine:
         max_batch_size: int = 32,
         batch_wait_ms: float = 10.0,
         replica: str = "local",
+        max_cpu_adapters: int | None = None,
+        max_adapters_per_batch: int | None = None,
     ):
         self.model = model
+        self.max_cpu_adapters = max_cpu_adapters  # resident adapters kept in memory (LRU); None: all
         self.tokenizer = tokenizer
         self.replica = replica
         detok = None
@@ -62,9 +65,12 @@ class ServeEngine:
             eos_token_ids=model.eos_token_ids,
             context_length=model.context_length,
             mix_adapters=model.layout == "bank",
+            max_adapters_per_batch=max_adapters_per_batch,
             detokenize=detok,
         )
         self._resident: set[str] = set()
+        self._recent: OrderedDict[str, None] = OrderedDict()  # resident keys, least recently used first
+        self.evictions = 0
         self._in_use: Counter[str] = Counter()
         self._live: LiveTable | None = None
         self._deferred: set[str] = set()
@@ -101,7 +107,25 @@ class ServeEngine:
                 ) from None
             with self._lock:
                 self._resident.add(ref.key)
+                self._recent[ref.key] = None
                 self._load_locks.pop(ref.key, None)
+            self._evict(keep=ref.key)
+
+    def _evict(self, keep: str) -> None:
+        """Unload least recently used adapters that no request holds, down to `max_cpu_adapters` (an adapter in
+        use is never unloaded: the cache may run over while every resident adapter is busy)."""
+        if self.max_cpu_adapters is None:
+            return
+        with self._lock:
+            over = len(self._resident) - self.max_cpu_adapters
+            idle = [k for k in self._recent if k != keep and not self._in_use[k] and k in self._resident]
+            gone = idle[: max(0, over)]
+            for k in gone:
+                self._resident.discard(k)
+                self._recent.pop(k, None)
+            self.evictions += len(gone)
+        for k in gone:
+            self.model.unload_adapter(k)
 
     def sync(self, live: LiveTable | None) -> None:
         """The ingress's current table: drop resident versions it no longer lists (once no request holds them)."""
@@ -114,6 +138,8 @@ class ServeEngine:
             self.deferred_unloads += len(held - self._deferred)  # dropped when their last request ends
             self._deferred |= held
             self._resident.difference_update(stale)
+            for k in stale:
+                self._recent.pop(k, None)
         for key in stale:
             self.model.unload_adapter(key)
 
@@ -124,6 +150,8 @@ class ServeEngine:
         if key is not None:
             with self._lock:
                 self._in_use[key] += 1
+                if key in self._recent:
+                    self._recent.move_to_end(key)
 
     def _release(self, key: str | None) -> None:
         if key is None:
@@ -135,6 +163,7 @@ class ServeEngine:
                 del self._in_use[key]
             if drop:
                 self._resident.discard(key)
+                self._recent.pop(key, None)
                 self._deferred.discard(key)
         if drop:
             self.model.unload_adapter(key)
@@ -280,5 +309,6 @@ class ServeEngine:
             **self.scheduler.stats.to_dict(),
             "layout": self.model.layout,
             "adapters_resident": self.resident(),
+            "adapter_evictions": self.evictions,
             "deferred_unloads": self.deferred_unloads,
         }

@@ -196,17 +196,21 @@ class Scheduler:
         eos_token_ids: Sequence[int] = (),
         context_length: int | None = None,
         mix_adapters: bool = True,
+        max_adapters_per_batch: int | None = None,
         detokenize: Callable[[Sequence[int]], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if max_adapters_per_batch is not None and max_adapters_per_batch < 1:
+            raise ValueError("max_adapters_per_batch must be at least 1")
         self.model = model
         self.max_batch_size = max_batch_size
         self.batch_wait = max(0.0, batch_wait_ms) / 1000.0
         self.eos_token_ids = frozenset(eos_token_ids)
         self.context_length = context_length
         self.mix_adapters = mix_adapters
+        self.max_adapters = max_adapters_per_batch  # distinct adapters (the base model counts as one) per batch
         self.detokenize = detokenize
         self.clock = clock
         self.stats = SchedulerStats()
@@ -343,7 +347,22 @@ class Scheduler:
         return [r for r in self._waiting if r.request.adapter == adapter]
 
     def _take(self, rows: list[_Row], n: int) -> list[_Row]:
-        taken = rows[:n]
+        """The first `n` of `rows` in arrival order; with `max_adapters`, only while the batch's distinct adapters
+        stay within it. A row whose adapter does not fit stops the taking (first come, first served): later
+        rows of adapters already running do not overtake it, so the batch drains until its adapter fits and a
+        rare adapter is never starved by busy ones."""
+        if self.max_adapters is None:
+            taken = rows[:n]
+        else:
+            active = {r.request.adapter for r in self._running}
+            taken = []
+            for r in rows:
+                if len(taken) == n:
+                    break
+                if r.request.adapter not in active and len(active) >= self.max_adapters:
+                    break
+                active.add(r.request.adapter)
+                taken.append(r)
         ids = {id(r) for r in taken}
         self._waiting = deque(r for r in self._waiting if id(r) not in ids)
         return taken
