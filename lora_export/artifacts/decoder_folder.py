@@ -36,6 +36,7 @@ MODEL_NAME = "model.onnx"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
 DECODER_KEY = "decoder"  # the manifest's `extra` entry holding `DecoderFacts`
+FUSED_KEY = "fused"  # the manifest's `extra` entry of a fused folder: {"builder", "precision", "branches"}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -167,6 +168,11 @@ class DecoderFolder:
     def layout(self) -> str | None:
         """merged / inputs / bank from the manifest; None for a folder without our manifest (read the graph)."""
         return decoder_layout(self.manifest.kind) if self.manifest is not None else None
+
+    @property
+    def fused(self) -> bool:
+        """Written by `export-decoder --fused`: the GenAI builder's graph (GroupQueryAttention, in-place cache)."""
+        return self.manifest is not None and isinstance(self.manifest.extra.get(FUSED_KEY), dict)
 
     @property
     def has_tokenizer(self) -> bool:

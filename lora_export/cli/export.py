@@ -171,11 +171,40 @@ def export_branched(
 @bank_formulation_option
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=click.IntRange(18, 30), default=None, help="ONNX opset (default: the exporter's).")
+@click.option(
+    "--fused/--unfused",
+    "fused",
+    default=None,
+    help="fused: the ONNX Runtime GenAI builder's graph (GroupQueryAttention, packed q/k/v, in-place KV cache) with "
+    "our LoRA branches, run by ONNX Runtime GenAI; exit 2 where it cannot be written. unfused: the traced graph, "
+    "run by GenAI and by lora-export generate/serve. Default: unfused (generate/serve do not run fused folders yet).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int4", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="--fused: the base weights (int4: MatMulNBits, block 32, accuracy level 4, lm_head included); the LoRA "
+    "branches stay fp32.",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it holds a previous export.")
 @click.option("--no-verify", is_flag=True, help="Skip the greedy generation check against transformers generate.")
 @progress_steps
 def export_decoder(
-    model, output, adapters, layout, targets, max_rank, bank_formulation, dtype, opset, force, no_verify, steps
+    model,
+    output,
+    adapters,
+    layout,
+    targets,
+    max_rank,
+    bank_formulation,
+    dtype,
+    opset,
+    fused,
+    precision,
+    force,
+    no_verify,
+    steps,
 ):
     """A causal LM with its KV cache -> a folder ONNX Runtime GenAI and `generate` run (model.onnx,
     genai_config.json, adapters/, tokenizer); then checks greedy tokens against transformers generate."""
@@ -192,12 +221,17 @@ def export_decoder(
         dtype=dtype,
         opset=opset,
         force=force,
+        fused=bool(fused),
+        precision=precision,
     )
     result, facts = outcome.export, outcome.export.facts
+    if result.note:
+        display.out.print(result.note)
     display.out.print(
         f"wrote {result.path}: {facts.num_layers} layers, {facts.num_key_value_heads} KV heads x {facts.head_size}, "
         f"vocab {facts.vocab_size}, context {facts.context_length}, layout {layout}"
         + (f", adapters {', '.join(result.adapters)}" if result.adapters else "")
+        + (f", fused ({result.manifest.extra['fused']['precision']})" if "fused" in result.manifest.extra else "")
     )
     if outcome.report is not None:
         display.finish_generation_report(outcome.report)

@@ -60,7 +60,7 @@ from lora_export.export.stream import OnWrite, check_disk_space
 from lora_export.models.loading import LoadedModel
 
 TRACE_BATCH, TRACE_SEQ = 2, 3  # >= 2: torch.export specializes dims of size 0 and 1
-_WRITTEN = (MODEL_NAME, f"{MODEL_NAME}.data", f"{MODEL_NAME}.json", CONFIG_NAME, ADAPTERS_DIR, *TOKENIZER_FILES)
+WRITTEN = (MODEL_NAME, f"{MODEL_NAME}.data", f"{MODEL_NAME}.json", CONFIG_NAME, ADAPTERS_DIR, *TOKENIZER_FILES)
 
 
 @dataclass
@@ -69,6 +69,7 @@ class DecoderExport:
     manifest: GraphManifest
     facts: DecoderFacts
     adapters: dict[str, Path]  # NAME -> adapters/NAME.onnx_adapter
+    note: str | None = None  # one line for the user: why the fused graph was not written
 
     @property
     def model_path(self) -> Path:
@@ -109,10 +110,16 @@ def export_decoder(
     force: bool = False,
     bank_formulation: str = DENSE,
     on_write: OnWrite | None = None,
+    fused: bool | None = False,
+    precision: str = "fp32",
 ) -> DecoderExport:
     """Write the decoder folder `out` for `loaded` with `adapters` in `layout`. Weights are streamed as in
     `export_merged` (a weightless skeleton is traced, each weight written once when the graph is saved);
-    `on_write(bytes done, total, tensor)` follows them."""
+    `on_write(bytes done, total, tensor)` follows them.
+
+    `fused`: True writes the ONNX Runtime GenAI builder's fused graph with our branches (`export.fused`) or
+    refuses; None writes it where it can and falls back to the traced graph otherwise (the reason in
+    `DecoderExport.note`); False traces. `precision` (fp32, int4, int8) is the fused graph's base weights."""
     out = Path(out)
     adapters = list(adapters)
     check_causal_lm(loaded.module, loaded.arch, loaded.source)
@@ -120,6 +127,21 @@ def export_decoder(
     check_bank_formulation(layout, bank_formulation)
     torch_dtype = contract.torch_dtype(dtype)
     facts = probe(loaded.module, loaded.source)
+    note = None
+    if fused is not False:
+        from lora_export.export.fused import export_fused_decoder, fused_refusal
+
+        why = "dtype fp16 is written by the traced path only" if dtype != "fp32" else None
+        why = why or fused_refusal(loaded, adapters, layout, targets)
+        if why is None:
+            return export_fused_decoder(
+                loaded, out, facts, adapters=adapters, layout=layout, targets=targets, precision=precision, force=force
+            )
+        if fused:
+            raise UserError(f"--fused cannot be written: {why}; export without --fused for the traced graph")
+        note = f"traced (unfused) graph: {why}"
+    if precision != "fp32":
+        raise UserError(f"--precision {precision} is the fused graph's; for the traced graph use optimize --quantize")
     wiring, feed = None, None
     if layout == MERGED:
         work, plan = merged_work(loaded, adapters[0] if adapters else None, torch_dtype)
@@ -147,7 +169,7 @@ def export_decoder(
         manifest.extra[BANK_FORMULATION_KEY] = bank_formulation
     search = search_defaults(getattr(loaded.module, "generation_config", None))
     packed: dict[str, Path] = {}
-    with atomic_dir(out, replaceable=_WRITTEN if force else ()) as tmp:
+    with atomic_dir(out, replaceable=WRITTEN if force else ()) as tmp:
         trace_mod.save(model, tmp / MODEL_NAME, on_write=on_write)
         write_manifest(tmp / MODEL_NAME, manifest)
         write_json(tmp / CONFIG_NAME, genai_config(facts, MODEL_NAME, search))
@@ -157,7 +179,7 @@ def export_decoder(
             for a in adapters:
                 write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
                 packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
-    return DecoderExport(out, manifest, facts, packed)
+    return DecoderExport(out, manifest, facts, packed, note)
 
 
 def _check_request(out: Path, adapters: list[Adapter], layout: str, force: bool) -> None:

@@ -117,6 +117,11 @@ class Generator:
         load_folder_adapters: bool = True,
     ):
         self.folder = folder if isinstance(folder, DecoderFolder) else read_folder(folder)
+        if self.folder.fused:
+            raise UserError(
+                f"{self.folder.path} is a fused folder (GroupQueryAttention, in-place KV cache): ONNX Runtime GenAI "
+                "runs it; lora-export generate/serve need a traced folder (export-decoder without --fused)"
+            )
         self.facts = self.folder.facts
         self.session = open_session(self.folder.model_path, providers, threads, spinning=spinning)
         self.slots = SlotTable.from_session(self.session, InitializerReader(self.folder.model_path))

@@ -156,8 +156,11 @@ def verify_generation(
     seeds: list[int] = (0,),
     atol: float | None = None,
 ) -> GenerationReport:
+    from lora_export.artifacts.decoder_folder import read_folder
     from lora_export.runtime.generator import Generator
 
+    if read_folder(folder).fused:
+        return _verify_fused(loaded, read_folder(folder), list(adapters), new_tokens, shapes, seeds, atol)
     with Generator(folder) as gen:
         layout = gen.layout
         adapters = list(adapters)
@@ -188,6 +191,75 @@ def verify_generation(
     for name, prompts, rows, ours in runs:
         report.cases.append(_run_case(ref, by_name, name, prompts, rows, ours, new_tokens, atol, scheme))
     return report
+
+
+def _verify_fused(loaded, folder, adapters, new_tokens, shapes, seeds, atol) -> GenerationReport:
+    """A fused folder (`export-decoder --fused`) under ONNX Runtime GenAI, the runtime it is written for: each
+    prompt alone (GenAI's own batching is not ours to check), the adapter through `og.Adapters`."""
+    import tempfile
+
+    from lora_export.adapters.pack import pack_adapter
+    from lora_export.passes.quantize import graph_scheme
+
+    layout = folder.layout
+    if layout == MERGED and len(adapters) > 1:
+        raise UserError("a merged folder folds one adapter: give the one it was exported with (or none)")
+    scheme = graph_scheme(folder.model_path)
+    if scheme is None and atol is None and folder.manifest.dtype != "fp32":
+        atol = 5e-2
+    report = GenerationReport(str(folder.path), layout, new_tokens, atol, quantization=scheme)
+    with tempfile.TemporaryDirectory(prefix="lora_verify_") as tmp:
+        files = dict(folder.adapter_files)
+        if layout != MERGED:
+            for a in adapters:  # given adapters replace the folder's own of the same name
+                files[a.name] = pack_adapter(a, Path(tmp) / f"{a.name}.onnx_adapter", graph=folder.model_path)
+            if not adapters:
+                adapters = [read_adapter(p, name=n) for n, p in folder.adapter_files.items()]
+        runs = []
+        for rows_needed, longest in shapes or DEFAULT_SHAPES:
+            for seed in seeds:
+                prompts = make_prompts(folder.facts.vocab_size, rows_needed, longest, seed)
+                for label, rows in _cases(layout, adapters, len(prompts)):
+                    fed = rows if layout != MERGED else [None] * len(rows)
+                    ours = greedy_genai(folder.path, prompts, fed, files, new_tokens)
+                    runs.append((f"{label} {rows_needed}x{longest} seed {seed}", prompts, rows, ours))
+    ref = Reference(loaded)
+    by_name = {a.name: a for a in adapters}
+    for name, prompts, rows, ours in runs:
+        report.cases.append(_run_case(ref, by_name, name, prompts, rows, ours, new_tokens, atol, scheme))
+    return report
+
+
+def greedy_genai(folder, prompts: list[list[int]], rows: list[str | None], files: dict[str, Path], new_tokens: int):
+    """ONNX Runtime GenAI, greedy, eos ignored, one prompt at a time; (tokens per row, logits `[rows, steps,
+    vocab]`). The next token is chosen here from the logits GenAI returns, so every row runs `new_tokens`."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    adapters = None
+    if any(r is not None for r in rows):
+        adapters = og.Adapters(model)
+        for name in sorted({r for r in rows if r is not None}):
+            adapters.load(str(files[name]), name)
+    tokens, logits = [], []
+    for prompt, row in zip(prompts, rows):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+        gen = og.Generator(model, params)
+        if row is not None:
+            gen.set_active_adapter(adapters, row)
+        gen.append_tokens(np.array([prompt], dtype=np.int32))
+        row_tokens, row_logits = [], []
+        for i in range(new_tokens):
+            step = np.asarray(gen.get_output("logits"), dtype=np.float32)[0, -1]
+            row_logits.append(step.copy())
+            row_tokens.append(int(np.argmax(step)))
+            if i + 1 < new_tokens:
+                gen.append_tokens(np.array([[row_tokens[-1]]], dtype=np.int32))
+        tokens.append(row_tokens)
+        logits.append(np.stack(row_logits))
+        del gen
+    return tokens, np.stack(logits)
 
 
 def _cases(layout: str, adapters: list[Adapter], n: int) -> list[tuple[str, list[str | None]]]:

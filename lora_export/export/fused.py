@@ -1,0 +1,366 @@
+"""`export-decoder --fused`: the ONNX Runtime GenAI model builder's fused graph, with our LoRA side branches.
+
+The base graph is the builder's own (`python -m onnxruntime_genai.models.builder`, run as a subprocess on the
+model's transformers directory): GroupQueryAttention with rotary inside, packed q/k/v MatMuls,
+(Skip)SimplifiedLayerNormalization, the attention mask as `seqlens_k` / `total_sequence_length`, the KV cache in
+place (`past_present_share_buffer`), `MatMulNBits` at int4 / int8. So the base costs what the builder's costs, by
+construction, and builds as fast as it does (no torch trace). We then wire the LoRA branches in with onnx-ir:
+
+- every adapted projection gets the contract inputs `P.lora_A.weight [in, r_k]` / `P.lora_B.weight [r_k, out]`
+  (scaling folded into B, rank-0 defaults: no adapter = the base model), so PEFT directories and
+  `.onnx_adapter` files work unchanged, through `og.Adapters` or our packer;
+- a plain projection adds `(x·A)·B` to its MatMul output;
+- a packed one (the builder's `qkv_proj`, `gate_up_proj`) concatenates its members' A along r and builds a block
+  B (each member's B padded to its slice of the packed output), so its branch is two MatMuls whatever the number
+  of members, and a member without an adapter slot simply has no block.
+
+Layouts: `merged` (the adapter folded into the weights first, then the builder), `inputs`. The bank layout, DoRA,
+`modules_to_save`, embeddings, and architectures the builder does not write fall back to the traced graph
+(`export.decoder`) with one line saying why (`fused_refusal`). The builder's node names are what we find the
+projections by: `onnxruntime-genai` is pinned (pyproject `fused` extra) and a test fails when they move.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_export.adapters.adapter import Adapter
+from lora_export.adapters.pack import write_packed
+from lora_export.artifacts.decoder_folder import (
+    ADAPTER_SUFFIX,
+    ADAPTERS_DIR,
+    CONFIG_NAME,
+    DECODER_KEY,
+    FUSED_KEY,
+    MODEL_NAME,
+    TOKENIZER_FILES,
+    DecoderFacts,
+    genai_config,
+)
+from lora_export.artifacts.fileio import atomic_dir, read_json, write_json
+from lora_export.artifacts.onnxio import slots_of_ir, write_manifest
+from lora_export.contract import INPUTS, MERGED, SlotTable, decoder_kind, rank_dim, weight_names
+from lora_export.errors import UserError
+from lora_export.models.loading import LoadedModel
+
+FUSED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # model_type values the builder writes as GQA decoders
+PRECISIONS = ("fp32", "int4", "int8")
+INT4_OPTIONS = ("int4_block_size=32", "int4_accuracy_level=4")  # as the builder's own int4 CPU recipe
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_LAYER_MATMUL = re.compile(r"^/model/layers\.(?P<i>\d+)/(?P<block>attn|mlp)/(?P<proj>\w+)/MatMul(?:_Q\d+|NBits)?$")
+_HEAD_MATMUL = re.compile(r"^/lm_head/MatMul(?:_Q\d+|NBits)?$")
+_HF_BLOCK = {"attn": "self_attn", "mlp": "mlp"}
+
+
+@dataclass
+class Member:
+    """One transformers module inside a builder MatMul: its path and its slice of the MatMul's output."""
+
+    path: str
+    in_features: int
+    offset: int
+    size: int
+
+
+def fused_refusal(loaded: LoadedModel, adapters: list[Adapter], layout: str, targets=None) -> str | None:
+    """Why the fused graph cannot be written for this request (None: it can)."""
+    config = getattr(loaded.module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FUSED_ARCHS:
+        return f"model type {model_type!r} has no fused writer here (fused: {', '.join(FUSED_ARCHS)})"
+    if layout not in (MERGED, INPUTS):
+        return f"layout {layout} needs per-row adapter indices, which the fused graph does not take yet"
+    try:
+        import onnxruntime_genai.models.builder  # noqa: F401
+    except ImportError:
+        return "the ONNX Runtime GenAI model builder is not installed (pip install 'lora-export[fused]')"
+    own = Path(str(loaded.extra.get("model_dir", loaded.source)))
+    if not ((own / "tokenizer.json").is_file() or (own / "tokenizer_config.json").is_file()):
+        return f"{loaded.source} is not a model directory with a tokenizer, which the GenAI builder needs"
+    for a in adapters:
+        if a.is_dora:
+            return f"adapter {a.name} uses DoRA, whose magnitude the fused graph does not take"
+        if a.saved or a.base_layers:
+            return f"adapter {a.name} replaces whole modules (modules_to_save), which the fused graph does not take"
+        if layout != MERGED:
+            linear = set(_linear_modules(loaded))
+            odd = sorted(p for p in a.modules if p not in linear)
+            if odd:
+                return f"adapter {a.name} adapts {odd[0]}, which is not a projection of the fused graph"
+    return None
+
+
+def _linear_modules(loaded: LoadedModel) -> dict[str, tuple[int, int]]:
+    """Every `nn.Linear` of the transformers model: path -> (in, out)."""
+    import torch.nn as nn
+
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in loaded.module.named_modules()
+        if isinstance(m, nn.Linear) and name
+    }
+
+
+def export_fused_decoder(
+    loaded: LoadedModel,
+    out: str | Path,
+    facts: DecoderFacts,
+    *,
+    adapters: list[Adapter] = (),
+    layout: str = MERGED,
+    targets: list[str] | str | None = None,
+    precision: str = "fp32",
+    force: bool = False,
+):
+    """Write the fused decoder folder `out` (see the module docstring); returns an `export.decoder.DecoderExport`."""
+    from lora_export.export.decoder import WRITTEN as written
+    from lora_export.export.decoder import DecoderExport
+
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} for the fused decoder: choose {', '.join(PRECISIONS)}")
+    out = Path(out)
+    adapters = list(adapters)
+    linear = _linear_modules(loaded)
+    slots = _slot_paths(linear, adapters, targets) if layout == INPUTS else []
+    packed: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix=".fused.", dir=_parent(out)) as work:
+        work = Path(work)
+        source = _model_dir(loaded, adapters[0] if layout == MERGED and adapters else None, work / "hf")
+        built = work / "built"
+        _run_builder(source, built, precision, work / "cache")
+        with atomic_dir(out, replaceable=written if force else ()) as tmp:
+            for f in built.iterdir():
+                if f.name not in (MODEL_NAME, f"{MODEL_NAME}.data"):
+                    shutil.copyfile(f, tmp / f.name)
+            for name in TOKENIZER_FILES:  # the builder writes tokenizer.json; the rest as our unfused folders
+                src = Path(loaded.extra.get("model_dir", loaded.source)) / name
+                if src.is_file() and not (tmp / name).exists():
+                    shutil.copyfile(src, tmp / name)
+            model, branches = _wire(built / MODEL_NAME, linear, slots)
+            import onnx_ir as ir
+
+            ir.save(model, tmp / MODEL_NAME, external_data=f"{MODEL_NAME}.data")
+            table = slots_of_ir(model) if layout == INPUTS else None
+            manifest = _manifest(loaded, model, adapters, layout, table, facts, precision, branches)
+            write_manifest(tmp / MODEL_NAME, manifest)
+            _special_ids(tmp / CONFIG_NAME, facts)
+            if table is not None and adapters:
+                (tmp / ADAPTERS_DIR).mkdir()
+                for a in adapters:
+                    write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
+                    packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
+    return DecoderExport(out, manifest, facts, packed)
+
+
+def _parent(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent
+
+
+def _slot_paths(linear: dict[str, tuple[int, int]], adapters: list[Adapter], targets) -> list[str]:
+    """The modules that get LoRA inputs: the adapters' modules, else those `targets` names (PEFT's rules)."""
+    paths = {p for a in adapters for p in a.modules}
+    if not adapters:
+        if not targets:
+            raise UserError("layout inputs without --adapter needs --targets: the modules to give LoRA slots")
+        if isinstance(targets, str):
+            rx = re.compile(targets)
+            paths = {p for p in linear if rx.fullmatch(p)}
+        else:
+            paths = {p for p in linear if any(p == t or p.endswith("." + t) for t in targets)}
+        if not paths:
+            raise UserError(f"--targets {targets} matches no linear module of the model: name q_proj, v_proj, ...")
+    return sorted(paths)
+
+
+def _model_dir(loaded: LoadedModel, merge: Adapter | None, scratch: Path) -> Path:
+    """A transformers directory the builder reads: the model's own when it is one on disk and nothing is merged,
+    else the model (with `merge` folded into its weights) saved to `scratch`."""
+    own = Path(str(loaded.extra.get("model_dir", loaded.source)))
+    if merge is None and (own / "config.json").is_file() and any(own.glob("*.safetensors")):
+        return own
+    module = loaded.materialized().module
+    state = None
+    if merge is not None:  # a new state dict: the caller's weights are never changed
+        state = dict(module.state_dict())
+        for path, lora in merge.modules.items():
+            key = f"{path}.weight"
+            if key not in state:
+                raise UserError(f"adapter {merge.name} adapts {path}, which the model does not have")
+            state[key] = lora.merged_with(state[key], where=path).contiguous()
+    module.save_pretrained(scratch, state_dict=state, safe_serialization=True)
+    if own.is_dir():
+        for name in TOKENIZER_FILES:
+            if (own / name).is_file():
+                shutil.copyfile(own / name, scratch / name)
+    return scratch
+
+
+def _run_builder(source: Path, built: Path, precision: str, cache: Path) -> None:
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(built)]
+    cmd += ["-p", precision, "-e", "cpu", "-c", str(cache)]
+    if precision == "int4":
+        cmd += ["--extra_options", *INT4_OPTIONS]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not (built / MODEL_NAME).is_file():
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise UserError(
+            f"the ONNX Runtime GenAI model builder failed on {source}: {lines[-1] if lines else 'no output'}"
+            " (export with --unfused to trace the model instead)"
+        )
+
+
+def _members(node_name: str, linear: dict[str, tuple[int, int]]) -> list[Member] | None:
+    """The transformers modules a builder MatMul computes (None: not a projection we know)."""
+    if _HEAD_MATMUL.match(node_name):
+        names = ["lm_head"]
+    else:
+        m = _LAYER_MATMUL.match(node_name)
+        if m is None:
+            return None
+        prefix = f"model.layers.{m['i']}.{_HF_BLOCK[m['block']]}."
+        proj = m["proj"]
+        if prefix + proj in linear:  # the model has the packed module itself (Phi-3's qkv_proj)
+            names = [prefix + proj]
+        elif proj in _PACKED:
+            names = [prefix + p for p in _PACKED[proj]]
+        else:
+            names = [prefix + proj]
+    if any(n not in linear for n in names):
+        return None
+    members, offset = [], 0
+    for n in names:
+        fan_in, fan_out = linear[n]
+        members.append(Member(n, fan_in, offset, fan_out))
+        offset += fan_out
+    return members
+
+
+def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str]):
+    """The builder's graph with a LoRA branch on every projection that has a member in `slots`."""
+    import onnx_ir as ir
+
+    model = ir.load(graph_path)
+    graph = model.graph
+    wanted, found, k = set(slots), set(), 0
+    for node in list(graph):
+        if node.op_type not in ("MatMul", "MatMulNBits"):
+            continue
+        members = _members(node.name or "", linear)
+        if not members:
+            continue
+        adapted = [m for m in members if m.path in wanted]
+        if not adapted:
+            continue
+        a_vals, b_vals = [], []
+        for m in adapted:
+            a_name, b_name = weight_names(m.path)
+            a_vals.append(_lora_input(graph, a_name, [m.in_features, rank_dim(k)], (m.in_features, 0)))
+            b_vals.append(_lora_input(graph, b_name, [rank_dim(k), m.size], (0, m.size)))
+            found.add(m.path)
+            k += 1
+        _branch(graph, node, members, adapted, a_vals, b_vals)
+    missing = sorted(wanted - found)
+    if missing:
+        raise UserError(
+            f"the builder's graph has no projection for {missing[0]} (onnxruntime-genai moved its node names?): "
+            "export with --unfused"
+        )
+    return model, k
+
+
+def _lora_input(graph, name: str, dims: list, default_shape: tuple[int, int]):
+    import onnx_ir as ir
+
+    value = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(ir.DataType.FLOAT))
+    value.const_value = ir.tensor(np.zeros(default_shape, dtype=np.float32), name=name)
+    graph.inputs.append(value)
+    graph.register_initializer(value)
+    return value
+
+
+def _branch(graph, node, members: list[Member], adapted: list[Member], a_vals, b_vals) -> None:
+    """y = MatMul(x, W) becomes y + (x·A)·B; for packed members A = [A_1 | A_2 | ...] and B the block matrix."""
+    import onnx_ir as ir
+
+    x, y = node.inputs[0], node.outputs[0]
+    base = f"{node.name}/lora"
+    made = []
+
+    def op(op_type, inputs, name, **attrs):
+        n = ir.node(op_type, inputs, attributes=attrs or None, name=f"{base}/{name}", num_outputs=1)
+        n.outputs[0].name = f"{base}/{name}/output_0"
+        made.append(n)
+        return n.outputs[0]
+
+    if len(members) == 1:
+        a, b = a_vals[0], b_vals[0]
+    else:
+        total = sum(m.size for m in members)
+        a = op("Concat", a_vals, "ConcatA", axis=1) if len(a_vals) > 1 else a_vals[0]
+        blocks = []
+        for m, bv in zip(adapted, b_vals):
+            pads = ir.tensor(np.array([0, m.offset, 0, total - m.offset - m.size], dtype=np.int64))
+            pads_value = op("Constant", [], f"{m.path.rsplit('.', 1)[-1]}/pads", value=pads)
+            blocks.append(op("Pad", [bv, pads_value], f"{m.path.rsplit('.', 1)[-1]}/PadB"))
+        b = op("Concat", blocks, "ConcatB", axis=0) if len(blocks) > 1 else blocks[0]
+    xa = op("MatMul", [x, a], "MatMulA")
+    delta = op("MatMul", [xa, b], "MatMulB")
+    uses = list(y.uses())
+    added = op("Add", [y, delta], "Add")
+    added.shape, added.type = y.shape, y.type
+    for user, index in uses:
+        user.replace_input_with(index, added)
+    outputs = list(graph.outputs)
+    if y in outputs:  # the lm_head's MatMul writes `logits` itself: the sum takes the name
+        name = y.name
+        y.name = f"{base}/base_output"
+        added.name = name
+        graph.outputs[outputs.index(y)] = added
+    graph.insert_after(node, made)
+
+
+def _manifest(loaded, model, adapters, layout, table, facts: DecoderFacts, precision: str, branches: int):
+    import importlib.metadata as md
+
+    from lora_export.artifacts.onnxio import graph_io
+    from lora_export.contract import GraphManifest
+    from lora_export.export.manifest import adapter_entry, versions
+
+    manifest = GraphManifest(
+        kind=decoder_kind(layout),
+        model={"source": loaded.source, "arch": loaded.arch},
+        adapters=[adapter_entry(a) for a in adapters],
+        opset=model.opset_imports.get("", None),
+        dtype="fp32",
+        versions={**versions(), "onnxruntime_genai": md.version("onnxruntime-genai")},
+    )
+    manifest.set_io(*graph_io(model))
+    if table is not None:
+        manifest.set_slots(table)
+    manifest.extra[DECODER_KEY] = facts.to_dict()
+    manifest.extra[FUSED_KEY] = {"builder": md.version("onnxruntime-genai"), "precision": precision, "branches": branches}
+    if precision != "fp32":
+        from lora_export.passes.quantize import scheme_of
+
+        manifest.quantization = {"scheme": scheme_of(model), "by": "onnxruntime_genai.models.builder"}
+        if precision == "int4":
+            manifest.quantization["block_size"] = 32
+    return manifest
+
+
+def _special_ids(path: Path, facts: DecoderFacts) -> None:
+    """bos / eos / pad in the builder's genai_config.json by the rules of our traced folders (ids inside the
+    vocabulary: GenAI refuses a config whose eos is not a token, as some configs name)."""
+    config, ours = read_json(path), genai_config(facts)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config["model"][key] = ours["model"][key]
+    write_json(path, config)
