@@ -47,7 +47,7 @@ from lora_export.artifacts.decoder_folder import (
 )
 from lora_export.artifacts.fileio import atomic_dir, read_json, write_json
 from lora_export.artifacts.onnxio import slots_of_ir, write_manifest
-from lora_export.contract import INPUTS, MERGED, SlotTable, decoder_kind, rank_dim, weight_names
+from lora_export.contract import INPUTS, MERGED, decoder_kind, rank_dim, weight_names
 from lora_export.errors import UserError
 from lora_export.models.loading import LoadedModel
 
@@ -347,7 +347,8 @@ def _manifest(loaded, model, adapters, layout, table, facts: DecoderFacts, preci
     if table is not None:
         manifest.set_slots(table)
     manifest.extra[DECODER_KEY] = facts.to_dict()
-    manifest.extra[FUSED_KEY] = {"builder": md.version("onnxruntime-genai"), "precision": precision, "branches": branches}
+    builder = md.version("onnxruntime-genai")
+    manifest.extra[FUSED_KEY] = {"builder": builder, "precision": precision, "branches": branches}
     if precision != "fp32":
         from lora_export.passes.quantize import scheme_of
 
