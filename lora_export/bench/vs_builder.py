@@ -1,0 +1,198 @@
+"""Ours vs the ONNX Runtime GenAI model builder, on the same model, every folder run by ONNX Runtime GenAI.
+
+    python tools/bench_vs_builder.py                 # SmolLM2-135M (30 layers, real weights), r=16 all-linear
+    python tools/bench_vs_builder.py --quick         # its 4-layer cut, few tokens: checks it runs
+
+Folders (build wall times are measured too): the builder's fp32 and int4 (`-p int4`, block 32, accuracy level
+4), ours fused (`export-decoder --fused`) merged fp32, inputs fp32 + adapter, merged int4, inputs int4 + adapter,
+and ours traced (unfused) merged fp32 for contrast. Each candidate is one greedy generation per call (a prompt,
+then `new_tokens` tokens, eos ignored: the next token is appended by hand), timed with per-token marks, all
+candidates interleaved in one process (`bench.latency.measure`), intra-op spinning off, at 1 thread and at the
+default. Prefill = the time to the first token's logits; decode = the median per-token time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (ours, builder's) pairs and the issue's decode goals for the ratio of their medians; prefill's goal is 1.00
+PAIRS = [
+    ("fused merged fp32", "builder fp32", 1.00),
+    ("fused merged int4", "builder int4", 0.95),
+    ("fused inputs int4 + adapter", "builder int4", 1.05),
+    ("fused inputs fp32 + adapter", "builder fp32", None),
+    ("traced merged fp32", "builder fp32", None),
+]
+
+
+@dataclass
+class VsBuilder:
+    builds_s: dict[str, float] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)  # setting, candidate, prefill ms, decode ms/token
+    ratios: list[dict] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _adapter(model_dir: Path, out: Path, rank: int, seed: int = 0) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    pm.save_pretrained(str(out))
+    return out
+
+
+def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tuple[Path, Path | None]], dict]:
+    """name -> (folder, adapter file or None), and the build wall seconds of each."""
+    from lora_export import api
+    from lora_export.export.fused import run_builder
+
+    adapter_dir = _adapter(model_dir, work / "adapter", rank)
+    folders, builds = {}, {}
+
+    def timed(name, fn):
+        _log(f"building {name}")
+        t0 = time.perf_counter()
+        fn()
+        builds[name] = time.perf_counter() - t0
+
+    for precision in ("fp32", "int4"):
+        out = work / f"builder_{precision}"
+        timed(f"builder {precision}", lambda o=out, p=precision: run_builder(model_dir, o, p, work / "cache"))
+        folders[f"builder {precision}"] = (out, None)
+    for precision in ("fp32", "int4"):
+        for layout in ("merged", "inputs"):
+            name = f"fused {layout} {precision}" + (" + adapter" if layout == "inputs" else "")
+            out = work / name.replace(" ", "_").replace("+", "")
+
+            def export(o=out, lay=layout, p=precision):
+                api.export_decoder(
+                    str(model_dir), o, adapters=[adapter_dir], layout=lay, fused=True, precision=p, verify=False
+                )
+
+            timed(name, export)
+            folders[name] = (out, out / "adapters" / "adapter.onnx_adapter" if layout == "inputs" else None)
+    out = work / "traced_merged"
+    timed(
+        "traced merged fp32",
+        lambda: api.export_decoder(str(model_dir), out, adapters=[adapter_dir], layout="merged", verify=False),
+    )
+    folders["traced merged fp32"] = (out, None)
+    return folders, builds
+
+
+def _model(folder: Path, threads: int | None):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    options: dict[str, Any] = {"session.intra_op.allow_spinning": "0"}
+    if threads:
+        options["intra_op_num_threads"] = threads
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    return og.Model(config)
+
+
+def measure_setting(folders, prompt_len: int, new_tokens: int, rounds: int, threads: int | None, vocab: int):
+    import onnxruntime_genai as og
+
+    from lora_export.bench.latency import Candidate, StepTimes, measure
+
+    prompt = np.random.default_rng(0).integers(1, vocab, size=prompt_len).astype(np.int32)
+    candidates, times = [], {}
+    for name, (folder, adapter_file) in folders.items():
+        model = _model(folder, threads)
+        adapters = None
+        if adapter_file is not None:
+            adapters = og.Adapters(model)
+            adapters.load(str(adapter_file), "a")
+        steps = StepTimes()
+
+        def call(_h, model=model, adapters=adapters, steps=steps):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=prompt_len + new_tokens, do_sample=False)
+            gen = og.Generator(model, params)
+            if adapters is not None:
+                gen.set_active_adapter(adapters, "a")
+            steps.start()
+            gen.append_tokens(prompt[None])
+            steps.mark()
+            for _ in range(new_tokens - 1):
+                token = int(np.argmax(gen.get_output("logits")[0, -1]))
+                gen.append_tokens(np.array([[token]], dtype=np.int32))
+                steps.mark()
+
+        candidates.append(Candidate(name, call))
+        times[name] = steps
+    measure(candidates, warmup=1, iters=rounds)
+    rows = []
+    for name, steps in times.items():
+        firsts, _, medians = steps.timed(1)
+        rows.append({"candidate": name, "prefill_ms": float(np.median(firsts)), "decode_ms": float(np.median(medians))})
+    return rows
+
+
+def run_vs_builder(
+    *, quick: bool = False, rounds: int | None = None, rank: int = 16, workdir: str | None = None
+) -> VsBuilder:
+    from lora_export.models.pretrained import model_dir
+
+    bench = VsBuilder()
+    layers = 4 if quick else None
+    source = model_dir("smollm2", layers=layers)
+    shapes = [(16, 8)] if quick else [(64, 128), (1024, 32)]
+    rounds = rounds or (2 if quick else 5)
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    bench.settings = {"model": str(source), "rank": rank, "rounds": rounds, "shapes": shapes}
+    with tempfile.TemporaryDirectory(prefix="bench_vs_builder_") as tmp:
+        work = Path(workdir) if workdir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        folders, bench.builds_s = build_folders(source, work, rank)
+        for threads in (1, None):
+            for prompt_len, new_tokens in shapes:
+                setting = f"{prompt_len}+{new_tokens}, threads {threads or 'default'}"
+                _log(f"timing {setting}")
+                for row in measure_setting(folders, prompt_len, new_tokens, rounds, threads, vocab):
+                    bench.rows.append({"setting": setting, **row})
+    by = {(r["setting"], r["candidate"]): r for r in bench.rows}
+    for setting in dict.fromkeys(r["setting"] for r in bench.rows):
+        for ours, theirs, goal in PAIRS:
+            a, b = by[(setting, ours)], by[(setting, theirs)]
+            for phase in ("decode", "prefill"):
+                value = a[f"{phase}_ms"] / b[f"{phase}_ms"]
+                target = goal if phase == "decode" else (1.00 if goal is not None else None)
+                bench.ratios.append(
+                    {"setting": setting, "phase": phase, "ratio": f"{ours} / {theirs}", "value": value, "goal": target}
+                )
+    return bench
+
+
+def report_lines(bench: VsBuilder) -> list[str]:
+    lines = ["build wall seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in bench.builds_s.items())]
+    lines.append(f"{'setting':<26} {'candidate':<30} {'prefill ms':>11} {'decode ms/tok':>14}")
+    for r in bench.rows:
+        lines.append(f"{r['setting']:<26} {r['candidate']:<30} {r['prefill_ms']:>11.2f} {r['decode_ms']:>14.3f}")
+    lines.append(f"{'setting':<26} {'phase':<8} {'ratio':<52} {'value':>6} goal")
+    for r in bench.ratios:
+        goal = "" if r["goal"] is None else f"<= {r['goal']:.2f}" + (" ok" if r["value"] <= r["goal"] else " NOT MET")
+        lines.append(f"{r['setting']:<26} {r['phase']:<8} {r['ratio']:<52} {r['value']:>6.3f} {goal}")
+    return lines
