@@ -127,3 +127,31 @@ def test_adapter_dir_registers_without_loading_and_refuses_a_broken_entry(serve_
     (root / "gamma" / "adapter_config.json").write_text("{not json")
     with pytest.raises(UserError, match="gamma/adapter_config.json is not readable JSON"):
         ServeConfig(str(serve_decoder.folder), adapter_dirs=[str(root)]).served_adapters()
+
+
+def test_runtime_loads_stay_inside_the_adapter_root(tmp_path):
+    """`--adapter-root`: a lora_path outside it is a 403 that reads the same whether or not the path exists;
+    inside it (relative or absolute) the resolved path reaches the backend."""
+    from fastapi.testclient import TestClient
+
+    from lora_export.serving.openai_api import build_http_app
+
+    root = tmp_path / "root"
+    (root / "good").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    loaded = []
+
+    class Backend:
+        async def load_adapter(self, name, path):
+            loaded.append((name, path))
+
+    client = TestClient(build_http_app(Backend(), runtime_adapters=True, adapter_root=str(root)))
+    refused = []
+    for path in [str(tmp_path / "outside"), str(tmp_path / "nowhere"), "../outside", str(root / ".." / "outside")]:
+        r = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert r.status_code == 403, (path, r.text)
+        refused.append(r.json()["error"]["message"])
+    assert len(set(refused)) == 1 and "adapter root" in refused[0] and str(tmp_path) not in refused[0]
+    for path in ["good", str(root / "good")]:
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}).status_code == 200
+    assert loaded == [("x", str(root / "good"))] * 2 and not any("outside" in p for _, p in loaded)

@@ -82,6 +82,12 @@ from lora_export.cli.app import cli
     help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off by default, as vLLM).",
 )
 @click.option(
+    "--adapter-root",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="With --allow-runtime-adapters: load only adapters inside this directory (relative lora_path under it).",
+)
+@click.option(
     "--cpus-per-replica", type=click.FloatRange(0), default=1.0, show_default=True, help="Ray CPUs a replica reserves."
 )
 @click.option(
@@ -111,6 +117,7 @@ def serve(
     max_cpu_adapters,
     max_adapters_per_batch,
     allow_runtime_adapters,
+    adapter_root,
     cpus_per_replica,
     step_delay_ms,
 ):
@@ -137,6 +144,7 @@ def serve(
         step_delay_ms=step_delay_ms,
         max_request_bytes=max_request_bytes,
         allow_runtime_adapters=allow_runtime_adapters,
+        adapter_root=adapter_root,
         adapter_dirs=list(adapter_dirs),
         max_cpu_adapters=max_cpu_adapters,
         max_adapters_per_batch=max_adapters_per_batch,

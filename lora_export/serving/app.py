@@ -172,6 +172,7 @@ class IngressDeployment:
             api_key=config.api_key,
             max_request_bytes=config.max_request_bytes,
             runtime_adapters=config.allow_runtime_adapters,
+            adapter_root=config.adapter_root,
         )
 
     async def check_startup_adapters(self) -> list[str]:

@@ -32,6 +32,7 @@ class ServeConfig:
     step_delay_ms: float = 0.0  # drills only: every decode step takes at least this long (see serving.model)
     max_request_bytes: int = 4 * 2**20  # a bigger body is answered 413 before it is read whole
     allow_runtime_adapters: bool = False  # POST /v1/load_lora_adapter and unload (vLLM's opt-in)
+    adapter_root: str | None = None  # runtime loads only from paths inside this directory
     adapter_dirs: list[str] = field(default_factory=list)  # every adapter under these, registered, loaded lazily
     max_cpu_adapters: int | None = None  # adapters a replica keeps loaded (LRU); None: every one it has used
     max_adapters_per_batch: int | None = None  # distinct adapters in one batch (bank folders)
@@ -40,6 +41,7 @@ class ServeConfig:
         self.folder = str(Path(self.folder).resolve())
         self.adapters = {n: str(adapter_path(p).resolve()) for n, p in self.adapters.items()}  # sample: names too
         self.adapter_dirs = [str(Path(d).resolve()) for d in self.adapter_dirs]
+        self.adapter_root = str(Path(self.adapter_root).resolve()) if self.adapter_root else None
         if self.model_name is None:
             self.model_name = Path(self.folder).name
         if self.address is None:

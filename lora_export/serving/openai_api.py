@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -70,12 +71,27 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"The request body is over {limit} bytes: send a smaller request (serve --max-request-bytes).")
 
 
+def inside_root(path: str, root: str | None) -> str:
+    """`path` (relative ones under `root`) when `root` is None or it resolves inside `root`; else a 403 that says
+    the same whether or not the path exists."""
+    if root is None:
+        return path
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, path))
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise ApiError(
+            403, "lora_path must be inside the server's adapter root (serve --adapter-root).", param="lora_path"
+        )
+    return real
+
+
 def build_http_app(
     backend: Backend,
     *,
     api_key: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     runtime_adapters: bool = True,
+    adapter_root: str | None = None,
 ) -> FastAPI:
     app = FastAPI(title="lora-export serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -127,7 +143,7 @@ def build_http_app(
     async def load_lora_adapter(request: Request):
         check_runtime_adapters()
         body = p.validate(p.LoadLoRAAdapterRequest, await body_of(request))
-        await backend.load_adapter(body.lora_name, body.lora_path)
+        await backend.load_adapter(body.lora_name, inside_root(body.lora_path, adapter_root))
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
