@@ -135,7 +135,11 @@ def export_fused_decoder(
     packed: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix=".fused.", dir=_parent(out)) as work:
         work = Path(work)
-        source = _model_dir(loaded, adapters[0] if layout == MERGED and adapters else None, work / "hf")
+        merge = adapters[0] if layout == MERGED and adapters else None
+        fold = merge if merge is not None and precision == "fp32" and "lm_head" not in merge.modules else None
+        # fp32: the builder writes the base, the adapter is folded into its float weights (no merged model on
+        # disk first); int4/int8 quantize the merged weights, and a tied lm_head shares the embedding: saved first
+        source = _model_dir(loaded, merge if fold is None else None, work / "hf")
         built = work / "built"
         run_builder(source, built, precision, work / "cache")
         with atomic_dir(out, replaceable=written if force else ()) as tmp:
@@ -147,6 +151,8 @@ def export_fused_decoder(
                 if src.is_file() and not (tmp / name).exists():
                     shutil.copyfile(src, tmp / name)
             model, branches = _wire(built / MODEL_NAME, linear, slots)
+            if fold is not None:
+                _fold(model, linear, fold)
             import onnx_ir as ir
 
             ir.save(model, tmp / MODEL_NAME, external_data=f"{MODEL_NAME}.data")
@@ -278,6 +284,27 @@ def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str]
             "export with --unfused"
         )
     return model, k
+
+
+def _fold(model, linear: dict[str, tuple[int, int]], adapter: Adapter) -> None:
+    """`W += (s·B·A)ᵀ` in the builder's float `[in, out]` MatMul weights, each member in its slice."""
+    import onnx_ir as ir
+
+    done = set()
+    for node in model.graph:
+        members = _members(node.name or "", linear) if node.op_type == "MatMul" else None
+        todo = [m for m in members or [] if m.path in adapter.modules]
+        if not todo:
+            continue
+        weight = node.inputs[1]
+        w = np.array(weight.const_value.numpy(), dtype=np.float32, copy=True)
+        for m in todo:
+            w[:, m.offset : m.offset + m.size] += adapter.modules[m.path].delta_weight().numpy().T
+            done.add(m.path)
+        weight.const_value = ir.tensor(w, name=weight.name)
+    missing = sorted(set(adapter.modules) - done)
+    if missing:
+        raise UserError(f"the builder's graph has no float projection for {missing[0]}: export with --unfused")
 
 
 def _lora_input(graph, name: str, dims: list, default_shape: tuple[int, int]):
