@@ -41,7 +41,7 @@ from lora_export.verify.options import BackendCheck, GenerationCheck, TaskCheck
 from lora_export.verify.parity import ParityReport
 
 if TYPE_CHECKING:
-    from lora_export.export.decoder import DecoderExport
+    from lora_export.export.decoder_result import DecoderExport
     from lora_export.verify.generation import GenerationReport
     from lora_export.verify.task_check import TaskReport
 

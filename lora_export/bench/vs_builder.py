@@ -64,10 +64,13 @@ def _adapter(model_dir: Path, out: Path, rank: int, seed: int = 0) -> Path:
 
 def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tuple[Path, Path | None]], dict]:
     """name -> (folder, adapter file or None), and the build wall seconds of each."""
-    from lora_export import api
+    from lora_export.adapters import read_adapter
+    from lora_export.export.decoder import export_decoder
     from lora_export.export.fused import run_builder
+    from lora_export.models.loading import load_model
 
     adapter_dir = _adapter(model_dir, work / "adapter", rank)
+    adapter = read_adapter(adapter_dir, name="adapter")
     folders, builds = {}, {}
 
     def timed(name, fn):
@@ -86,17 +89,13 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
             out = work / name.replace(" ", "_").replace("+", "")
 
             def export(o=out, lay=layout, p=precision):
-                api.export_decoder(
-                    str(model_dir), o, adapters=[adapter_dir], layout=lay, fused=True, precision=p, verify=False
-                )
+                loaded = load_model(str(model_dir), lazy=True)
+                export_decoder(loaded, o, adapters=[adapter], layout=lay, fused=True, precision=p)
 
             timed(name, export)
             folders[name] = (out, out / "adapters" / "adapter.onnx_adapter" if layout == "inputs" else None)
     out = work / "traced_merged"
-    timed(
-        "traced merged fp32",
-        lambda: api.export_decoder(str(model_dir), out, adapters=[adapter_dir], layout="merged", verify=False),
-    )
+    timed("traced merged fp32", lambda: export_decoder(load_model(str(model_dir), lazy=True), out, adapters=[adapter]))
     folders["traced merged fp32"] = (out, None)
     return folders, builds
 

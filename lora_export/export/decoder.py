@@ -16,7 +16,6 @@ atomically (`decoder_folder` describes it): graph, manifest, `genai_config.json`
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from lora_export import contract
@@ -45,7 +44,6 @@ from lora_export.contract import (
     PAST_SEQUENCE_DIM,
     SEQUENCE_DIM,
     TOTAL_SEQUENCE_DIM,
-    GraphManifest,
     decoder_input_names,
     decoder_kind,
     decoder_output_names,
@@ -53,6 +51,7 @@ from lora_export.contract import (
 from lora_export.errors import UserError
 from lora_export.export import trace as trace_mod
 from lora_export.export.branched import BANK_FORMULATION_KEY, check_bank_formulation, lora_wiring
+from lora_export.export.decoder_result import WRITTEN, DecoderExport
 from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inputs, probe
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import merged_work
@@ -60,20 +59,6 @@ from lora_export.export.stream import OnWrite, check_disk_space
 from lora_export.models.loading import LoadedModel
 
 TRACE_BATCH, TRACE_SEQ = 2, 3  # >= 2: torch.export specializes dims of size 0 and 1
-WRITTEN = (MODEL_NAME, f"{MODEL_NAME}.data", f"{MODEL_NAME}.json", CONFIG_NAME, ADAPTERS_DIR, *TOKENIZER_FILES)
-
-
-@dataclass
-class DecoderExport:
-    path: Path  # the folder
-    manifest: GraphManifest
-    facts: DecoderFacts
-    adapters: dict[str, Path]  # NAME -> adapters/NAME.onnx_adapter
-    note: str | None = None  # one line for the user: why the fused graph was not written
-
-    @property
-    def model_path(self) -> Path:
-        return self.path / MODEL_NAME
 
 
 def decoder_view(work: LoadedModel, facts: DecoderFacts, dtype) -> LoadedModel:

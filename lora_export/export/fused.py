@@ -6,8 +6,8 @@ model's transformers directory): GroupQueryAttention with rotary inside, packed 
 place (`past_present_share_buffer`), `MatMulNBits` at int4 / int8. So the base costs what the builder's costs, by
 construction, and builds as fast as it does (no torch trace). We then wire the LoRA branches in with onnx-ir:
 
-- every adapted projection gets the contract inputs `P.lora_A.weight [in, r_k]` / `P.lora_B.weight [r_k, out]`
-  (scaling folded into B, rank-0 defaults: no adapter = the base model), so PEFT directories and
+- every adapted projection gets the contract's A `[in, r_k]` and B `[r_k, out]` inputs (`contract.weight_names`;
+  scaling folded into B, rank-0 defaults: no adapter = the base model), so PEFT directories and
   `.onnx_adapter` files work unchanged, through `og.Adapters` or our packer;
 - a plain projection adds `(x·A)·B` to its MatMul output;
 - a packed one (the builder's `qkv_proj`, `gate_up_proj`) adds the concatenation of its members' `(x·A_i)·B_i`
@@ -51,6 +51,7 @@ from lora_export.artifacts.fileio import atomic_dir, read_json, write_json
 from lora_export.artifacts.onnxio import slots_of_ir, write_manifest
 from lora_export.contract import INPUTS, MERGED, decoder_kind, rank_dim, weight_names
 from lora_export.errors import UserError
+from lora_export.export.decoder_result import WRITTEN, DecoderExport
 from lora_export.models.loading import LoadedModel
 
 FUSED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # model_type values the builder writes as GQA decoders
@@ -122,10 +123,7 @@ def export_fused_decoder(
     precision: str = "fp32",
     force: bool = False,
 ):
-    """Write the fused decoder folder `out` (see the module docstring); returns an `export.decoder.DecoderExport`."""
-    from lora_export.export.decoder import WRITTEN as written
-    from lora_export.export.decoder import DecoderExport
-
+    """Write the fused decoder folder `out` (see the module docstring); returns a `DecoderExport`."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} for the fused decoder: choose {', '.join(PRECISIONS)}")
     out = Path(out)
@@ -142,7 +140,7 @@ def export_fused_decoder(
         source = _model_dir(loaded, merge if fold is None else None, work / "hf")
         built = work / "built"
         run_builder(source, built, precision, work / "cache")
-        with atomic_dir(out, replaceable=written if force else ()) as tmp:
+        with atomic_dir(out, replaceable=WRITTEN if force else ()) as tmp:
             for f in built.iterdir():
                 if f.name not in (MODEL_NAME, f"{MODEL_NAME}.data"):
                     shutil.copyfile(f, tmp / f.name)
@@ -384,9 +382,8 @@ def _manifest(loaded, model, adapters, layout, table, facts: DecoderFacts, preci
     builder = md.version("onnxruntime-genai")
     manifest.extra[FUSED_KEY] = {"builder": builder, "precision": precision, "branches": branches}
     if precision != "fp32":
-        from lora_export.passes.quantize import scheme_of
-
-        manifest.quantization = {"scheme": scheme_of(model), "by": "onnxruntime_genai.models.builder"}
+        scheme = {"int4": "int4", "int8": "int8-block"}[precision]  # the builder's MatMulNBits, 4 or 8 bits
+        manifest.quantization = {"scheme": scheme, "by": "onnxruntime_genai.models.builder"}
         if precision == "int4":
             manifest.quantization["block_size"] = 32
     return manifest
