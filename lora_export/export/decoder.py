@@ -117,7 +117,7 @@ def export_decoder(
         from lora_export.export.fused import export_fused_decoder, fused_refusal
 
         why = "dtype fp16 is written by the traced path only" if dtype != "fp32" else None
-        why = why or fused_refusal(loaded, adapters, layout, targets)
+        why = why or fused_refusal(loaded, adapters, layout)
         if why is None:
             return export_fused_decoder(
                 loaded, out, facts, adapters=adapters, layout=layout, targets=targets, precision=precision, force=force

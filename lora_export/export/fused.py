@@ -73,7 +73,7 @@ class Member:
     size: int
 
 
-def fused_refusal(loaded: LoadedModel, adapters: list[Adapter], layout: str, targets=None) -> str | None:
+def fused_refusal(loaded: LoadedModel, adapters: list[Adapter], layout: str) -> str | None:
     """Why the fused graph cannot be written for this request (None: it can)."""
     config = getattr(loaded.module, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -122,7 +122,7 @@ def export_fused_decoder(
     targets: list[str] | str | None = None,
     precision: str = "fp32",
     force: bool = False,
-):
+) -> DecoderExport:
     """Write the fused decoder folder `out` (see the module docstring); returns a `DecoderExport`."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} for the fused decoder: choose {', '.join(PRECISIONS)}")
