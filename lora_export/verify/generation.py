@@ -23,6 +23,7 @@ quantization noise of a real model can be as large as a fine-tune's effect, this
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.inject import attach_adapter, lora_layers
 from lora_export.adapters.peft_io import read_adapter
-from lora_export.artifacts.decoder_folder import MODEL_NAME
+from lora_export.artifacts.decoder_folder import DecoderFolder, read_folder
 from lora_export.contract import BANK, INPUTS, MERGED
 from lora_export.errors import UserError
 from lora_export.models.loading import LoadedModel
@@ -162,35 +163,26 @@ def verify_generation(
     seeds: list[int] = (0,),
     atol: float | None = None,
 ) -> GenerationReport:
-    from lora_export.artifacts.decoder_folder import read_folder
-    from lora_export.runtime.generator import Generator
+    from lora_export.passes.quantize import graph_scheme
 
-    if read_folder(folder).fused:
-        return _verify_fused(loaded, read_folder(folder), list(adapters), new_tokens, shapes, seeds, atol)
-    with Generator(folder) as gen:
-        layout = gen.layout
-        adapters = list(adapters)
-        if layout == MERGED and len(adapters) > 1:
-            raise UserError("a merged folder folds one adapter: give the one it was exported with (or none)")
-        if layout != MERGED:
-            for a in adapters:  # given adapters replace the folder's own of the same name
-                gen.load_adapter(a.name, a)
-            if not adapters:
-                adapters = [read_adapter(p, name=n) for n, p in gen.folder.adapter_files.items()]
-        dtype = (gen.folder.manifest.dtype if gen.folder.manifest is not None else "fp32") or "fp32"
+    info = read_folder(folder)
+    adapters = list(adapters)
+    candidate = _genai_candidate(info, adapters) if info.fused else _generator_candidate(info, adapters)
+    with candidate as (layout, greedy):
+        if layout != MERGED and not adapters:
+            adapters = [read_adapter(p, name=n) for n, p in info.adapter_files.items()]
+        dtype = (info.manifest.dtype if info.manifest is not None else "fp32") or "fp32"
         if atol is None and dtype != "fp32":
             atol = 5e-2
-        from lora_export.passes.quantize import graph_scheme
-
-        scheme = graph_scheme(Path(folder) / MODEL_NAME)
+        scheme = graph_scheme(info.model_path)
         report = GenerationReport(str(folder), layout, new_tokens, atol, quantization=scheme)
         runs = []  # our side of every case first: the session holds the weights only until it closes
         for rows_needed, longest in shapes or DEFAULT_SHAPES:
             for seed in seeds:
-                prompts = make_prompts(gen.facts.vocab_size, rows_needed, longest, seed)
+                prompts = make_prompts(info.facts.vocab_size, rows_needed, longest, seed)
                 for label, rows in _cases(layout, adapters, len(prompts)):
                     fed = rows if layout != MERGED else [None] * len(rows)
-                    ours = greedy_batch(gen, prompts, fed, new_tokens)
+                    ours = greedy(prompts, fed, new_tokens)
                     runs.append((f"{label} {rows_needed}x{longest} seed {seed}", prompts, rows, ours))
     ref = Reference(loaded)  # then the PyTorch side: one copy of the weights in memory at a time
     by_name = {a.name: a for a in adapters}
@@ -199,54 +191,67 @@ def verify_generation(
     return report
 
 
-def _verify_fused(loaded, folder, adapters, new_tokens, shapes, seeds, atol) -> GenerationReport:
+def _check_given(layout: str, given: list[Adapter]) -> None:
+    if layout == MERGED and len(given) > 1:
+        raise UserError("a merged folder folds one adapter: give the one it was exported with (or none)")
+
+
+@contextlib.contextmanager
+def _generator_candidate(info: DecoderFolder, given: list[Adapter]):
+    """Our `Generator` on a traced folder, all prompts of a case as one left-padded batch; given adapters replace
+    the folder's own of the same name. Yields (layout, greedy(prompts, rows, new_tokens))."""
+    from lora_export.runtime.generator import Generator
+
+    with Generator(info) as gen:
+        _check_given(gen.layout, given)
+        if gen.layout != MERGED:
+            for a in given:
+                gen.load_adapter(a.name, a)
+        yield gen.layout, lambda prompts, rows, n: greedy_batch(gen, prompts, rows, n)
+
+
+@contextlib.contextmanager
+def _genai_candidate(info: DecoderFolder, given: list[Adapter]):
     """A fused folder (`export-decoder --fused`) under ONNX Runtime GenAI, the runtime it is written for: each
-    prompt alone (GenAI's own batching is not ours to check), the adapter through `og.Adapters`."""
+    prompt alone (GenAI's own batching is not ours to check), adapters through `og.Adapters`, the model and the
+    adapters loaded once for every case."""
     import tempfile
 
     from lora_export.adapters.pack import pack_adapter
-    from lora_export.passes.quantize import graph_scheme
 
-    layout = folder.layout
-    if layout == MERGED and len(adapters) > 1:
-        raise UserError("a merged folder folds one adapter: give the one it was exported with (or none)")
-    scheme = graph_scheme(folder.model_path)
-    if scheme is None and atol is None and folder.manifest.dtype != "fp32":
-        atol = 5e-2
-    report = GenerationReport(str(folder.path), layout, new_tokens, atol, quantization=scheme)
+    _check_given(info.layout, given)
     with tempfile.TemporaryDirectory(prefix="lora_verify_") as tmp:
-        files = dict(folder.adapter_files)
-        if layout != MERGED:
-            for a in adapters:  # given adapters replace the folder's own of the same name
-                files[a.name] = pack_adapter(a, Path(tmp) / f"{a.name}.onnx_adapter", graph=folder.model_path)
-            if not adapters:
-                adapters = [read_adapter(p, name=n) for n, p in folder.adapter_files.items()]
-        runs = []
-        for rows_needed, longest in shapes or DEFAULT_SHAPES:
-            for seed in seeds:
-                prompts = make_prompts(folder.facts.vocab_size, rows_needed, longest, seed)
-                for label, rows in _cases(layout, adapters, len(prompts)):
-                    fed = rows if layout != MERGED else [None] * len(rows)
-                    ours = greedy_genai(folder.path, prompts, fed, files, new_tokens)
-                    runs.append((f"{label} {rows_needed}x{longest} seed {seed}", prompts, rows, ours))
-    ref = Reference(loaded)
-    by_name = {a.name: a for a in adapters}
-    for name, prompts, rows, ours in runs:
-        report.cases.append(_run_case(ref, by_name, name, prompts, rows, ours, new_tokens, atol, scheme))
-    return report
+        files = dict(info.adapter_files)
+        if info.layout != MERGED:
+            for a in given:  # given adapters replace the folder's own of the same name
+                files[a.name] = pack_adapter(a, Path(tmp) / f"{a.name}.onnx_adapter", graph=info.model_path)
+        model, adapters = _genai_open(info.path, files)
+        yield info.layout, lambda prompts, rows, n: _genai_greedy(model, adapters, prompts, rows, n)
 
 
 def greedy_genai(folder, prompts: list[list[int]], rows: list[str | None], files: dict[str, Path], new_tokens: int):
     """ONNX Runtime GenAI, greedy, eos ignored, one prompt at a time; (tokens per row, logits `[rows, steps,
     vocab]`). The next token is chosen here from the logits GenAI returns, so every row runs `new_tokens`."""
+    model, adapters = _genai_open(folder, {n: files[n] for n in {r for r in rows if r is not None}})
+    return _genai_greedy(model, adapters, prompts, rows, new_tokens)
+
+
+def _genai_open(folder, files: dict[str, Path]):
+    """(og.Model, og.Adapters holding `files` by name, or None when there are none)."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
     adapters = None
-    if any(r is not None for r in rows):
+    if files:
         adapters = og.Adapters(model)
-        for name in sorted({r for r in rows if r is not None}):
-            adapters.load(str(files[name]), name)
+        for name, path in sorted(files.items()):
+            adapters.load(str(path), name)
+    return model, adapters
+
+
+def _genai_greedy(model, adapters, prompts: list[list[int]], rows: list[str | None], new_tokens: int):
+    import onnxruntime_genai as og
+
     tokens, logits = [], []
     for prompt, row in zip(prompts, rows):
         params = og.GeneratorParams(model)
