@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_export.bench.vs_builder import _adapter, _log
+from lora_export.bench.goals import log
+from lora_export.bench.vs_builder import random_adapter_dir
 
 # the goals: ours / builder build time, 30 layers
 GOALS = {"merged": 2.0, "inputs": 3.0}
@@ -51,7 +52,7 @@ def run_export_times(layers: list[int], *, traced: bool = True, workdir: str | N
         work = Path(workdir) if workdir else Path(tmp)
         for n in layers:
             source = model_dir("smollm2", layers=None if n >= 30 else n)
-            adapter = _adapter(source, work / f"adapter_{n}", 8)
+            adapter = random_adapter_dir(source, work / f"adapter_{n}", 8)
             base = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-e", "cpu"]
             runs = {"builder fp32": [*base, "-o", str(work / f"b{n}"), "-p", "fp32", "-c", str(work / "cache")]}
             for layout in ("merged", "inputs"):
@@ -62,7 +63,7 @@ def run_export_times(layers: list[int], *, traced: bool = True, workdir: str | N
                     runs[f"traced {layout}"] = [*common, "-o", str(work / f"t{n}{layout}")]
             builder_wall = None
             for what, cmd in runs.items():
-                _log(f"{n} layers: {what}")
+                log(f"{n} layers: {what}")
                 wall, cpu = _timed(cmd)
                 builder_wall = wall if what == "builder fp32" else builder_wall
                 bench.rows.append(

@@ -21,14 +21,14 @@ ONNX Runtime sessions (ours and GenAI's) run with intra-op spinning off, as ever
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lora_export.bench.goals import log
 
 
 @dataclass
@@ -39,10 +39,6 @@ class GenerationBench:
     goals: list[dict] = field(default_factory=list)  # metric, goal, measured, unit, limit, detail
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def export_folders(loaded, adapters, work: Path, *, reuse: bool = False) -> dict[str, Path]:
@@ -57,18 +53,19 @@ def export_folders(loaded, adapters, work: Path, *, reuse: bool = False) -> dict
         if reuse and (folder / "genai_config.json").is_file():
             out[layout] = folder
             continue
-        _log(f"export-decoder --layout {layout}")
+        log(f"export-decoder --layout {layout}")
         ads = adapters[:1] if layout == "merged" else adapters
         out[layout] = export_decoder(loaded, work / f"decoder_{layout}", adapters=ads, layout=layout, force=True).path
     full = work / "merged.onnx"
     if not full.exists():
-        _log("merge-and-export (the full-sequence graph of the old path)")
+        log("merge-and-export (the full-sequence graph of the old path)")
         export_merged(loaded, adapters[0], full, force=True)
     out["full"] = full
     return out
 
 
-def _genai(folder: Path, threads: int | None):
+def genai_model(folder: Path, threads: int | None):
+    """ONNX Runtime GenAI's model of `folder`, intra-op spinning off (`threads`: intra-op threads, None: GenAI's)."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -76,7 +73,7 @@ def _genai(folder: Path, threads: int | None):
     if threads:
         options["intra_op_num_threads"] = threads
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    return og, og.Model(config)
+    return og.Model(config)
 
 
 def measure_generation(
@@ -164,7 +161,9 @@ def measure_generation(
         made["torch"] = out[0, prompt_len:].tolist()
 
     # -- ONNX Runtime GenAI on the merged folder -------------------------------------------------------------------
-    og, og_model = _genai(folders["merged"], threads)
+    import onnxruntime_genai as og
+
+    og_model = genai_model(folders["merged"], threads)
     genai_times = StepTimes()
 
     def genai_call(_h):
@@ -221,7 +220,7 @@ def measure_generation(
         (f"generation b4, prompt {prompt_len}, {new_tokens} new", batch4, rounds),
     )
     for group, table, n in groups:
-        _log(f"{group}: {len(table)} candidate(s), {n} interleaved rounds")
+        log(f"{group}: {len(table)} candidate(s), {n} interleaved rounds")
         cands = [Candidate.from_callable(name, (lambda f=f: f(None))) for name, (f, _) in table.items()]
         m = measure(cands, warmup=warmup, iters=n, seed=9)
         for name, (_, times) in table.items():

@@ -14,7 +14,6 @@ default. Prefill = the time to the first token's logits; decode = the median per
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lora_export.bench.goals import log
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (ours, builder's) pairs and the issue's decode goals for the ratio of their medians; prefill's goal is 1.00
@@ -42,23 +43,15 @@ class VsBuilder:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def random_adapter_dir(model_dir: Path, out: Path, rank: int, seed: int = 0) -> Path:
+    """A seeded all-linear PEFT adapter directory (non-zero B, alpha = 2r) for the model in `model_dir`."""
+    from lora_export.adapters.peft_io import write_peft_adapter
+    from lora_export.adapters.synthetic import random_model_adapter
+    from lora_export.models.loading import load_model
 
-
-def _adapter(model_dir: Path, out: Path, rank: int, seed: int = 0) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.05)
-    pm.save_pretrained(str(out))
+    loaded = load_model(str(model_dir), lazy=True)  # shapes only
+    adapter = random_model_adapter(loaded, r=rank, alpha=2.0 * rank, targets=ALL_LINEAR, seed=seed, name=out.name)
+    write_peft_adapter(adapter, out, base_model=str(model_dir))
     return out
 
 
@@ -69,12 +62,12 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
     from lora_export.export.fused import run_builder
     from lora_export.models.loading import load_model
 
-    adapter_dir = _adapter(model_dir, work / "adapter", rank)
+    adapter_dir = random_adapter_dir(model_dir, work / "adapter", rank)
     adapter = read_adapter(adapter_dir, name="adapter")
     folders, builds = {}, {}
 
     def timed(name, fn):
-        _log(f"building {name}")
+        log(f"building {name}")
         t0 = time.perf_counter()
         fn()
         builds[name] = time.perf_counter() - t0
@@ -100,26 +93,16 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
     return folders, builds
 
 
-def _model(folder: Path, threads: int | None):
-    import onnxruntime_genai as og
-
-    config = og.Config(str(folder))
-    options: dict[str, Any] = {"session.intra_op.allow_spinning": "0"}
-    if threads:
-        options["intra_op_num_threads"] = threads
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    return og.Model(config)
-
-
 def measure_setting(folders, prompt_len: int, new_tokens: int, rounds: int, threads: int | None, vocab: int):
     import onnxruntime_genai as og
 
+    from lora_export.bench.generation import genai_model
     from lora_export.bench.latency import Candidate, StepTimes, measure
 
     prompt = np.random.default_rng(0).integers(1, vocab, size=prompt_len).astype(np.int32)
     candidates, times = [], {}
     for name, (folder, adapter_file) in folders.items():
-        model = _model(folder, threads)
+        model = genai_model(folder, threads)
         adapters = None
         if adapter_file is not None:
             adapters = og.Adapters(model)
@@ -169,7 +152,7 @@ def run_vs_builder(
         for threads in (1, None):
             for prompt_len, new_tokens in shapes:
                 setting = f"{prompt_len}+{new_tokens}, threads {threads or 'default'}"
-                _log(f"timing {setting}")
+                log(f"timing {setting}")
                 for row in measure_setting(folders, prompt_len, new_tokens, rounds, threads, vocab):
                     bench.rows.append({"setting": setting, **row})
     by = {(r["setting"], r["candidate"]): r for r in bench.rows}
