@@ -8,8 +8,9 @@ the real pretrained SmolLM2 cut to several depths; the body is `lora_export.benc
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import asdict
 
+from lora_export.artifacts.fileio import write_json
 from lora_export.bench.export_time import ExportTimes, report_lines, run_export_times
 
 
@@ -24,8 +25,7 @@ def main(argv: list[str] | None = None) -> ExportTimes:
     bench = run_export_times(layers, traced=not args.no_traced, workdir=args.workdir)
     print("\n".join(report_lines(bench)))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(bench.__dict__, f, indent=2)
+        write_json(args.json_path, asdict(bench))
     return bench
 
 

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import argparse
-import json
+from dataclasses import asdict
 
+from lora_export.artifacts.fileio import write_json
 from lora_export.bench.vs_builder import VsBuilder, report_lines, run_vs_builder
 
 
@@ -24,8 +25,7 @@ def main(argv: list[str] | None = None) -> VsBuilder:
     bench = run_vs_builder(quick=args.quick, rounds=args.rounds, rank=args.rank, workdir=args.workdir)
     print("\n".join(report_lines(bench)))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(bench.__dict__, f, indent=2)
+        write_json(args.json_path, asdict(bench))
     return bench
 
 
