@@ -36,6 +36,8 @@ class ServeConfig:
     adapter_dirs: list[str] = field(default_factory=list)  # every adapter under these, registered, loaded lazily
     max_cpu_adapters: int | None = None  # adapters a replica keeps loaded (LRU); None: every one it has used
     max_adapters_per_batch: int | None = None  # distinct adapters in one batch (bank folders)
+    # --adapter-dir's registry, scanned once (start-up asks for it several times; it travels to the replicas)
+    _registered: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.folder = str(Path(self.folder).resolve())
@@ -89,7 +91,12 @@ class ServeConfig:
 
     def registered_adapters(self) -> dict[str, str]:
         """NAME -> path for every PEFT adapter directory (adapter_config.json) and `.onnx_adapter` file directly
-        under each --adapter-dir; a broken entry is refused in one line."""
+        under each --adapter-dir, scanned on first use; a broken entry is refused in one line."""
+        if self._registered is None:
+            self._registered = self._scan_adapter_dirs()
+        return dict(self._registered)
+
+    def _scan_adapter_dirs(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for root in map(Path, self.adapter_dirs):
             if not root.is_dir():
