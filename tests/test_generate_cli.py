@@ -121,7 +121,7 @@ def test_export_decoder_refuses_before_writing(decoders, tmp_path):
 
 
 def test_tokenizer_files_are_copied_from_a_model_directory(tmp_path):
-    from lora_export.export.decoder import _copy_tokenizer
+    from lora_export.export.decoder_result import copy_tokenizer
 
     src = tmp_path / "model"
     src.mkdir()
@@ -129,8 +129,12 @@ def test_tokenizer_files_are_copied_from_a_model_directory(tmp_path):
         (src / name).write_text("{}")
     dst = tmp_path / "out"
     dst.mkdir()
-    assert _copy_tokenizer(str(src), dst) == ["tokenizer.json", "tokenizer_config.json"]
-    assert _copy_tokenizer("sample:gpt2", dst) == []
+    assert copy_tokenizer(str(src), dst) == ["tokenizer.json", "tokenizer_config.json"]
+    assert copy_tokenizer("sample:gpt2", dst) == []
+    (dst / "tokenizer.json").write_text('{"builder": 1}')  # the builder's own: kept
+    (dst / "tokenizer_config.json").unlink()  # missing: copied
+    assert copy_tokenizer(str(src), dst, keep_existing=True) == ["tokenizer_config.json"]
+    assert (dst / "tokenizer.json").read_text() == '{"builder": 1}'
 
 
 def test_inspect_describes_a_decoder_folder(decoders):

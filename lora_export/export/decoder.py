@@ -15,20 +15,15 @@ atomically (`decoder_folder` describes it): graph, manifest, `genai_config.json`
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from lora_export import contract
 from lora_export.adapters.adapter import Adapter
 from lora_export.adapters.layer import BranchFeed
-from lora_export.adapters.pack import write_packed
 from lora_export.artifacts.decoder_folder import (
-    ADAPTER_SUFFIX,
-    ADAPTERS_DIR,
     CONFIG_NAME,
     DECODER_KEY,
     MODEL_NAME,
-    TOKENIZER_FILES,
     DecoderFacts,
     genai_config,
     search_defaults,
@@ -51,7 +46,7 @@ from lora_export.contract import (
 from lora_export.errors import UserError
 from lora_export.export import trace as trace_mod
 from lora_export.export.branched import BANK_FORMULATION_KEY, check_bank_formulation, lora_wiring
-from lora_export.export.decoder_result import WRITTEN, DecoderExport
+from lora_export.export.decoder_result import WRITTEN, DecoderExport, copy_tokenizer, pack_folder_adapters
 from lora_export.export.kv_cache import KvCacheLM, check_causal_lm, example_inputs, probe
 from lora_export.export.manifest import build_manifest
 from lora_export.export.merged import merged_work
@@ -158,12 +153,9 @@ def export_decoder(
         trace_mod.save(model, tmp / MODEL_NAME, on_write=on_write)
         write_manifest(tmp / MODEL_NAME, manifest)
         write_json(tmp / CONFIG_NAME, genai_config(facts, MODEL_NAME, search))
-        _copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp)
-        if layout != MERGED and adapters:
-            (tmp / ADAPTERS_DIR).mkdir()
-            for a in adapters:
-                write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
-                packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
+        copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp)
+        if layout != MERGED:
+            packed = pack_folder_adapters(table, adapters, tmp, out)
     return DecoderExport(out, manifest, facts, packed, note)
 
 
@@ -182,16 +174,3 @@ def _check_request(out: Path, adapters: list[Adapter], layout: str, force: bool)
         raise UserError(f"{out} already exists: pass --force to overwrite it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: give a folder path")
-
-
-def _copy_tokenizer(source: str, folder: Path) -> list[str]:
-    """Tokenizer files of a local model directory, so GenAI and `generate --prompt` can tokenize."""
-    src = Path(source)
-    if not src.is_dir():
-        return []
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, folder / name)
-            copied.append(name)
-    return copied

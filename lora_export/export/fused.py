@@ -35,15 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from lora_export.adapters.adapter import Adapter
-from lora_export.adapters.pack import write_packed
 from lora_export.artifacts.decoder_folder import (
-    ADAPTER_SUFFIX,
-    ADAPTERS_DIR,
     CONFIG_NAME,
     DECODER_KEY,
     FUSED_KEY,
     MODEL_NAME,
-    TOKENIZER_FILES,
     DecoderFacts,
     genai_config,
 )
@@ -51,7 +47,7 @@ from lora_export.artifacts.fileio import atomic_dir, read_json, write_json
 from lora_export.artifacts.onnxio import slots_of_ir, write_manifest
 from lora_export.contract import INPUTS, MERGED, decoder_kind, rank_dim, weight_names
 from lora_export.errors import UserError
-from lora_export.export.decoder_result import WRITTEN, DecoderExport
+from lora_export.export.decoder_result import WRITTEN, DecoderExport, copy_tokenizer, pack_folder_adapters
 from lora_export.models.loading import LoadedModel
 
 FUSED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # model_type values the builder writes as GQA decoders
@@ -88,13 +84,13 @@ def fused_refusal(loaded: LoadedModel, adapters: list[Adapter], layout: str) -> 
     own = Path(str(loaded.extra.get("model_dir", loaded.source)))
     if not ((own / "tokenizer.json").is_file() or (own / "tokenizer_config.json").is_file()):
         return f"{loaded.source} is not a model directory with a tokenizer, which the GenAI builder needs"
+    linear = set(_linear_modules(loaded)) if layout != MERGED else set()
     for a in adapters:
         if a.is_dora:
             return f"adapter {a.name} uses DoRA, whose magnitude the fused graph does not take"
         if a.saved or a.base_layers:
             return f"adapter {a.name} replaces whole modules (modules_to_save), which the fused graph does not take"
         if layout != MERGED:
-            linear = set(_linear_modules(loaded))
             odd = sorted(p for p in a.modules if p not in linear)
             if odd:
                 return f"adapter {a.name} adapts {odd[0]}, which is not a projection of the fused graph"
@@ -144,10 +140,8 @@ def export_fused_decoder(
             for f in built.iterdir():
                 if f.name not in (MODEL_NAME, f"{MODEL_NAME}.data"):
                     shutil.copyfile(f, tmp / f.name)
-            for name in TOKENIZER_FILES:  # the builder writes tokenizer.json; the rest as our unfused folders
-                src = Path(loaded.extra.get("model_dir", loaded.source)) / name
-                if src.is_file() and not (tmp / name).exists():
-                    shutil.copyfile(src, tmp / name)
+            # the builder writes tokenizer.json; the rest as our traced folders
+            copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp, keep_existing=True)
             model, branches = _wire(built / MODEL_NAME, linear, slots)
             if fold is not None:
                 _fold(model, linear, fold)
@@ -158,11 +152,8 @@ def export_fused_decoder(
             manifest = _manifest(loaded, model, adapters, layout, table, facts, precision, branches)
             write_manifest(tmp / MODEL_NAME, manifest)
             _special_ids(tmp / CONFIG_NAME, facts)
-            if table is not None and adapters:
-                (tmp / ADAPTERS_DIR).mkdir()
-                for a in adapters:
-                    write_packed(table.adapter_feeds(a), tmp / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}")
-                    packed[a.name] = out / ADAPTERS_DIR / f"{a.name}{ADAPTER_SUFFIX}"
+            if table is not None:
+                packed = pack_folder_adapters(table, adapters, tmp, out)
     return DecoderExport(out, manifest, facts, packed)
 
 
@@ -203,10 +194,7 @@ def _model_dir(loaded: LoadedModel, merge: Adapter | None, scratch: Path) -> Pat
                 raise UserError(f"adapter {merge.name} adapts {path}, which the model does not have")
             state[key] = lora.merged_with(state[key], where=path).contiguous()
     module.save_pretrained(scratch, state_dict=state, safe_serialization=True)
-    if own.is_dir():
-        for name in TOKENIZER_FILES:
-            if (own / name).is_file():
-                shutil.copyfile(own / name, scratch / name)
+    copy_tokenizer(own, scratch)
     return scratch
 
 
