@@ -189,30 +189,13 @@ def test_genai_chat_on_the_fused_folder_equals_peft(fused_folders, smol, adapter
     assert tokens[0][:stop] == want[:stop]
 
 
-def _builder(smol, out, precision, tmp_path):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(smol), "-o", str(out), "-p", precision]
-    cmd += [
-        "-e",
-        "cpu",
-        "-c",
-        str(tmp_path / "cache"),
-        "--extra_options",
-        "int4_block_size=32",
-        "int4_accuracy_level=4",
-    ]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
 def test_fused_int4_is_as_close_to_peft_as_the_builders_int4(fused_folders, smol, adapters, tmp_path):
     """The issue's criterion, measured here on one chat prompt: with no adapter, our int4 folder's last-position
     logits cosine vs fp32 PEFT is at least the builder's own int4 folder's minus 0.002; with an adapter, our float
     branch over the int4 base is nearer PEFT than the builder's int4 of the merged weights (adapter quantized in)."""
     import numpy as np
 
+    from lora_export.export.fused import run_builder
     from lora_export.verify.generation import greedy_genai
 
     ids = _chat_ids(smol)
@@ -226,7 +209,8 @@ def test_fused_int4_is_as_close_to_peft_as_the_builders_int4(fused_folders, smol
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
     ref = peft_chat(smol, None, QUESTION, 0, logits=True).numpy().astype(np.float64)
-    theirs = _builder(smol, tmp_path / "builder_int4", "int4", tmp_path)
+    theirs = tmp_path / "builder_int4"
+    run_builder(smol, theirs, "int4", tmp_path / "cache")  # the builder's own folder, its int4 CPU recipe
     ours, builder = cosine(last_logits(folder), ref), cosine(last_logits(theirs), ref)
     assert ours >= builder - 0.002 and builder > 0.9, (ours, builder)
     merged = api.export_decoder(
