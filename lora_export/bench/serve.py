@@ -106,11 +106,19 @@ def worker(folder: str) -> None:
 class Server:
     """`lora-export serve` in a subprocess; `close()` is Ctrl-C and waits for it to exit."""
 
-    def __init__(self, folder: Path, port: int, max_batch_size: int, wait_ms: float):
+    def __init__(
+        self,
+        folder: Path,
+        port: int,
+        max_batch_size: int,
+        wait_ms: float,
+        extra: list[str] = (),
+        warm_model: str = "adapter0",
+    ):
         from lora_export.serving import wait_ready
 
         args = [sys.executable, "-m", "lora_export", "serve", str(folder), "--port", str(port)]
-        args += ["--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(wait_ms)]  # serves adapter0..3
+        args += ["--max-batch-size", str(max_batch_size), "--batch-wait-ms", str(wait_ms), *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.log = open(folder.parent / f"serve_b{max_batch_size}.log", "wb")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -118,7 +126,7 @@ class Server:
         try:
             wait_ready(self.url, timeout=300)
             # wait_ready sees the ingress; the first request also waits for the engine replica to be up
-            asyncio.run(_one(self.url, "adapter0", [1, 2, 3], 2))
+            asyncio.run(_one(self.url, warm_model, [1, 2, 3], 2))
         except BaseException:
             self.close()
             raise

@@ -176,8 +176,10 @@ def export_branched(
     "fused",
     default=None,
     help="fused: the ONNX Runtime GenAI builder's graph (GroupQueryAttention, packed q/k/v, in-place KV cache) with "
-    "our LoRA branches, run by ONNX Runtime GenAI; exit 2 where it cannot be written. unfused: the traced graph, "
-    "run by GenAI and by lora-export generate/serve. Default: unfused (generate/serve do not run fused folders yet).",
+    "our LoRA branches (bank: gathered per row); exit 2 where it cannot be written. unfused: the traced graph. "
+    "Default: fused where it can be written (a Llama/Mistral/Qwen2/Qwen3/Phi-3 model directory with a tokenizer, "
+    "no DoRA or modules_to_save, fp32), else traced, saying why. Both run under lora-export generate/serve; "
+    "merged and inputs folders also under ONNX Runtime GenAI.",
 )
 @click.option(
     "--precision",
@@ -221,7 +223,7 @@ def export_decoder(
         dtype=dtype,
         opset=opset,
         force=force,
-        fused=bool(fused),
+        fused=fused,
         precision=precision,
     )
     result, facts = outcome.export, outcome.export.facts

@@ -148,5 +148,5 @@ bank_formulation_option = click.option(
     show_default=True,
     help="bank: how each row's branch is computed from the same inputs. dense: one matmul over every adapter's "
     "rank slots (fastest with few distinct adapters per batch); gather: each row's own A and B (cost per row "
-    "independent of the number of adapters; for many adapters per batch).",
+    "independent of the number of adapters; for many adapters per batch). A fused bank graph always gathers.",
 )

@@ -90,7 +90,7 @@ def export_decoder(
     force: bool = False,
     bank_formulation: str = DENSE,
     on_write: OnWrite | None = None,
-    fused: bool | None = False,
+    fused: bool | None = None,
     precision: str = "fp32",
 ) -> DecoderExport:
     """Write the decoder folder `out` for `loaded` with `adapters` in `layout`. Weights are streamed as in
@@ -98,8 +98,8 @@ def export_decoder(
     `on_write(bytes done, total, tensor)` follows them.
 
     `fused`: True writes the ONNX Runtime GenAI builder's fused graph with our branches (`export.fused`) or
-    refuses; None writes it where it can and falls back to the traced graph otherwise (the reason in
-    `DecoderExport.note`); False traces. `precision` (fp32, int4, int8) is the fused graph's base weights."""
+    refuses; None (the default) writes it where it can and falls back to the traced graph otherwise (the reason
+    in `DecoderExport.note`); False traces. `precision` (fp32, int4, int8) is the fused graph's base weights."""
     out = Path(out)
     adapters = list(adapters)
     check_causal_lm(loaded.module, loaded.arch, loaded.source)
@@ -115,7 +115,15 @@ def export_decoder(
         why = why or fused_refusal(loaded, adapters, layout)
         if why is None:
             return export_fused_decoder(
-                loaded, out, facts, adapters=adapters, layout=layout, targets=targets, precision=precision, force=force
+                loaded,
+                out,
+                facts,
+                adapters=adapters,
+                layout=layout,
+                targets=targets,
+                precision=precision,
+                max_rank=max_rank,
+                force=force,
             )
         if fused:
             raise UserError(f"--fused cannot be written: {why}; export without --fused for the traced graph")

@@ -16,10 +16,13 @@ construction, and builds as fast as it does (no torch trace). We then wire the L
   its Concat/Pad copies cost more than the extra small MatMuls (SmolLM2-135M int4, r=16 all-linear, one decode
   step at 200 past tokens, ONNX Runtime, 1 thread: the adapter added 25% to a step as blocks, 11% as deltas).
 
-Layouts: `merged` (the adapter folded into the weights first, then the builder), `inputs`. The bank layout, DoRA,
-`modules_to_save`, embeddings, and architectures the builder does not write fall back to the traced graph
-(`export.decoder`) with one line saying why (`fused_refusal`). The builder's node names are what we find the
-projections by: `onnxruntime-genai` is pinned (pyproject `fused` extra) and a test fails when they move.
+Layouts: `merged` (the adapter folded into the weights first, then the builder), `inputs`, and `bank`: per-row
+adapters by `adapter_index`, in the gather formulation (each row's A `[in, R]` and B `[R, out]` gathered from
+the `[N, in, R]` / `[N, R, out]` banks, a batched MatMul, rows at -1 masked to zero), so a row's LoRA cost does
+not grow with the number of adapters in the batch. A bank folder is run by our `Generator` (GenAI feeds no
+`adapter_index`). DoRA, `modules_to_save`, embeddings, and architectures the builder does not write fall back to
+the traced graph (`export.decoder`) with one line saying why (`fused_refusal`). The builder's node names are what
+we find the projections by: `onnxruntime-genai` is pinned (pyproject `fused` extra) and a test fails when they move.
 """
 
 from __future__ import annotations
@@ -45,8 +48,19 @@ from lora_export.artifacts.decoder_folder import (
 )
 from lora_export.artifacts.fileio import atomic_dir, read_json, write_json
 from lora_export.artifacts.onnxio import slots_of_ir, write_manifest
-from lora_export.contract import INPUTS, MERGED, decoder_kind, rank_dim, weight_names
+from lora_export.contract import (
+    ADAPTER_INDEX,
+    BANK,
+    GATHER,
+    MERGED,
+    NUM_ADAPTERS_DIM,
+    bank_names,
+    decoder_kind,
+    rank_dim,
+    weight_names,
+)
 from lora_export.errors import UserError
+from lora_export.export.branched import BANK_FORMULATION_KEY
 from lora_export.export.decoder_result import WRITTEN, DecoderExport, copy_tokenizer, pack_folder_adapters
 from lora_export.models.loading import LoadedModel
 
@@ -75,8 +89,6 @@ def fused_refusal(loaded: LoadedModel, adapters: list[Adapter], layout: str) -> 
     model_type = getattr(config, "model_type", None)
     if model_type not in FUSED_ARCHS:
         return f"model type {model_type!r} has no fused writer here (fused: {', '.join(FUSED_ARCHS)})"
-    if layout not in (MERGED, INPUTS):
-        return f"layout {layout} needs per-row adapter indices, which the fused graph does not take yet"
     try:
         import onnxruntime_genai.models.builder  # noqa: F401
     except ImportError:
@@ -117,15 +129,18 @@ def export_fused_decoder(
     layout: str = MERGED,
     targets: list[str] | str | None = None,
     precision: str = "fp32",
+    max_rank: int | None = None,
     force: bool = False,
 ) -> DecoderExport:
-    """Write the fused decoder folder `out` (see the module docstring); returns a `DecoderExport`."""
+    """Write the fused decoder folder `out` (see the module docstring); returns a `DecoderExport`. `max_rank`:
+    the bank's R (default: the adapters' highest rank, at least 16)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} for the fused decoder: choose {', '.join(PRECISIONS)}")
     out = Path(out)
     adapters = list(adapters)
     linear = _linear_modules(loaded)
-    slots = _slot_paths(linear, adapters, targets) if layout == INPUTS else []
+    slots = _slot_paths(linear, adapters, targets) if layout != MERGED else []
+    bank_rank = _bank_rank(adapters, max_rank) if layout == BANK else None
     packed: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix=".fused.", dir=_parent(out)) as work:
         work = Path(work)
@@ -142,19 +157,27 @@ def export_fused_decoder(
                     shutil.copyfile(f, tmp / f.name)
             # the builder writes tokenizer.json; the rest as our traced folders
             copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp, keep_existing=True)
-            model, branches = _wire(built / MODEL_NAME, linear, slots)
+            model, branches = _wire(built / MODEL_NAME, linear, slots, bank_rank)
             if fold is not None:
                 _fold(model, linear, fold)
             import onnx_ir as ir
 
             ir.save(model, tmp / MODEL_NAME, external_data=f"{MODEL_NAME}.data")
-            table = slots_of_ir(model) if layout == INPUTS else None
+            table = slots_of_ir(model) if layout != MERGED else None
             manifest = _manifest(loaded, model, adapters, layout, table, facts, precision, branches)
             write_manifest(tmp / MODEL_NAME, manifest)
             _special_ids(tmp / CONFIG_NAME, facts)
             if table is not None:
                 packed = pack_folder_adapters(table, adapters, tmp, out)
     return DecoderExport(out, manifest, facts, packed)
+
+
+def _bank_rank(adapters: list[Adapter], max_rank: int | None) -> int:
+    top = max((m.r for a in adapters for m in a.modules.values()), default=0)
+    rank = max_rank or max(top, 16)
+    if top > rank:
+        raise UserError(f"an adapter has rank {top}, above --max-rank {rank}: raise --max-rank")
+    return rank
 
 
 def _parent(out: Path) -> Path:
@@ -239,12 +262,14 @@ def _members(node_name: str, linear: dict[str, tuple[int, int]]) -> list[Member]
     return members
 
 
-def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str]):
-    """The builder's graph with a LoRA branch on every projection that has a member in `slots`."""
+def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str], bank_rank: int | None = None):
+    """The builder's graph with a LoRA branch on every projection that has a member in `slots` (bank inputs of
+    rank `bank_rank` when it is given, else the inputs layout's)."""
     import onnx_ir as ir
 
     model = ir.load(graph_path)
     graph = model.graph
+    rows = _row_selector(graph) if bank_rank is not None and slots else None
     wanted, found, k = set(slots), set(), 0
     for node in list(graph):
         if node.op_type not in ("MatMul", "MatMulNBits"):
@@ -257,12 +282,18 @@ def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str]
             continue
         a_vals, b_vals = [], []
         for m in adapted:
-            a_name, b_name = weight_names(m.path)
-            a_vals.append(_lora_input(graph, a_name, [m.in_features, rank_dim(k)], (m.in_features, 0)))
-            b_vals.append(_lora_input(graph, b_name, [rank_dim(k), m.size], (0, m.size)))
+            if rows is None:
+                a_name, b_name = weight_names(m.path)
+                a_vals.append(_lora_input(graph, a_name, [m.in_features, rank_dim(k)], (m.in_features, 0)))
+                b_vals.append(_lora_input(graph, b_name, [rank_dim(k), m.size], (0, m.size)))
+            else:
+                a_name, b_name = bank_names(m.path)
+                a_shape, b_shape = (m.in_features, bank_rank), (bank_rank, m.size)
+                a_vals.append(_lora_input(graph, a_name, [NUM_ADAPTERS_DIM, *a_shape], (0, *a_shape)))
+                b_vals.append(_lora_input(graph, b_name, [NUM_ADAPTERS_DIM, *b_shape], (0, *b_shape)))
             found.add(m.path)
             k += 1
-        _branch(graph, node, members, adapted, a_vals, b_vals)
+        _branch(graph, node, members, adapted, a_vals, b_vals, rows)
     missing = sorted(wanted - found)
     if missing:
         raise UserError(
@@ -293,7 +324,31 @@ def _fold(model, linear: dict[str, tuple[int, int]], adapter: Adapter) -> None:
         raise UserError(f"the builder's graph has no float projection for {missing[0]}: export with --unfused")
 
 
-def _lora_input(graph, name: str, dims: list, default_shape: tuple[int, int]):
+def _row_selector(graph):
+    """The bank's per-row selection, made once: `adapter_index [batch]` as a gather index (-1 -> 0) and a row
+    mask `[batch, 1, 1]` (0 for rows at -1, so they get no branch). The runtime feeds at least one bank entry."""
+    import onnx_ir as ir
+
+    index = ir.Value(name=ADAPTER_INDEX, shape=ir.Shape(["batch_size"]), type=ir.TensorType(ir.DataType.INT64))
+    graph.inputs.append(index)
+    made = []
+
+    def op(op_type, inputs, name, **attrs):
+        n = ir.node(op_type, inputs, attributes=attrs or None, name=f"/lora/{name}", num_outputs=1)
+        n.outputs[0].name = f"/lora/{name}/output_0"
+        made.append(n)
+        return n.outputs[0]
+
+    zero = op("Constant", [], "zero", value=ir.tensor(np.array(0, dtype=np.int64)))
+    gather_index = op("Max", [index, zero], "GatherIndex")
+    live = op("Cast", [op("GreaterOrEqual", [index, zero], "Live")], "LiveFloat", to=ir.DataType.FLOAT)
+    shape = op("Constant", [], "RowShape", value=ir.tensor(np.array([-1, 1, 1], dtype=np.int64)))
+    row_mask = op("Reshape", [live, shape], "RowMask")
+    graph.insert_before(graph[0], made)
+    return gather_index, row_mask
+
+
+def _lora_input(graph, name: str, dims: list, default_shape: tuple[int, ...]):
     import onnx_ir as ir
 
     value = ir.Value(name=name, shape=ir.Shape(dims), type=ir.TensorType(ir.DataType.FLOAT))
@@ -303,8 +358,9 @@ def _lora_input(graph, name: str, dims: list, default_shape: tuple[int, int]):
     return value
 
 
-def _branch(graph, node, members: list[Member], adapted: list[Member], a_vals, b_vals) -> None:
-    """y = MatMul(x, W) becomes y + (x·A)·B; a packed MatMul adds the concatenation of its members' (x·A_i)·B_i."""
+def _branch(graph, node, members: list[Member], adapted: list[Member], a_vals, b_vals, rows=None) -> None:
+    """y = MatMul(x, W) becomes y + (x·A)·B; a packed MatMul adds the concatenation of its members' (x·A_i)·B_i.
+    Bank (`rows` = the row selector): each row's A and B gathered from the banks, its branch masked when at -1."""
     import onnx_ir as ir
 
     x, y = node.inputs[0], node.outputs[0]
@@ -326,6 +382,13 @@ def _branch(graph, node, members: list[Member], adapted: list[Member], a_vals, b
             a = _constant(op, np.zeros((m.in_features, 0), np.float32), f"{m.path.rsplit('.', 1)[-1]}/zeroA")
             b = _constant(op, np.zeros((0, m.size), np.float32), f"{m.path.rsplit('.', 1)[-1]}/zeroB")
         tag = "" if len(members) == 1 else f"{m.path.rsplit('.', 1)[-1]}/"
+        if rows is not None and m.path in by_path:
+            gather_index, row_mask = rows
+            a = op("Gather", [a, gather_index], f"{tag}GatherA", axis=0)  # (batch, in, R)
+            b = op("Gather", [b, gather_index], f"{tag}GatherB", axis=0)  # (batch, R, out)
+            h = op("Mul", [op("MatMul", [x, a], f"{tag}MatMulA"), row_mask], f"{tag}RowMask")
+            deltas.append(op("MatMul", [h, b], f"{tag}MatMulB"))
+            continue
         deltas.append(op("MatMul", [op("MatMul", [x, a], f"{tag}MatMulA"), b], f"{tag}MatMulB"))
     delta = deltas[0] if len(deltas) == 1 else op("Concat", deltas, "ConcatDelta", axis=-1)
     uses = list(y.uses())
@@ -369,6 +432,8 @@ def _manifest(loaded, model, adapters, layout, table, facts: DecoderFacts, preci
     manifest.extra[DECODER_KEY] = facts.to_dict()
     builder = md.version("onnxruntime-genai")
     manifest.extra[FUSED_KEY] = {"builder": builder, "precision": precision, "branches": branches}
+    if layout == BANK:
+        manifest.extra[BANK_FORMULATION_KEY] = GATHER
     if precision != "fp32":
         scheme = {"int4": "int4", "int8": "int8-block"}[precision]  # the builder's MatMulNBits, 4 or 8 bits
         manifest.quantization = {"scheme": scheme, "by": "onnxruntime_genai.models.builder"}

@@ -2,14 +2,20 @@
 
 A batch holds, per row, a caller key, its adapter, its next position id and next-token logits; and for all
 rows the attention mask and the KV cache (`2 * layers` values `[rows, kv_heads, past, head]`, ONNX Runtime
-`OrtValue`s between steps, or numpy arrays without IO binding). Rows are left-aligned to a common past
-length: a row's padding slots have mask 0 and zero KV, so a row attends only to its own tokens and computes
-what it would alone. Position ids are per row (its own token count), never the column index.
+`OrtValue`s between steps, or numpy arrays without IO binding). A row's padding slots have mask 0, so a row
+attends only to its own tokens and computes what it would alone. Position ids are per row (its own token
+count), never the column index. Two alignments, by the graph:
+
+- left (traced graphs: the cache is a Concat, new tokens go at the end): rows are left-padded to a common past
+  length, the padding KV zero;
+- right (`right=True`, fused graphs: GroupQueryAttention takes per-row sequence lengths, `seqlens_k` = the
+  mask's row sums - 1, and writes each row's new tokens at its own length): row i's tokens are columns
+  0..len_i-1, whatever lies beyond is never attended to.
 
 - `join(a, b)`: rows of `b` (a fresh prefill) join the running batch `a` at a step boundary: both KV caches
-  are left-padded to the longer past (masked slots) and stacked.
+  are padded (on the alignment's side) to the longer past and stacked.
 - `select(batch, keep)`: the rows in `keep` stay (finished rows leave); columns no remaining row attends to
-  are trimmed from the left, so a long-running batch does not grow without bound.
+  are trimmed, so a long-running batch does not grow without bound.
 
 Both copy the KV cache once (numpy), which is why they happen at step boundaries, not every step.
 """
@@ -32,6 +38,7 @@ class Batch:
     past: list[Any]  # 2*layers values (rows, kv_heads, past, head): key, value per layer
     logits: np.ndarray  # (rows, vocab): each row's next-token logits
     lora: Any = field(default=None, repr=False)  # prepared LoRA feeds for these rows (the generator's)
+    right: bool = False  # rows right-padded (per-row sequence lengths: fused graphs), else left-padded
 
     @property
     def rows(self) -> int:
@@ -57,22 +64,26 @@ def as_values(arrays: list[np.ndarray], ort_values: bool) -> list[Any]:
     return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays]
 
 
-def _left_pad(batch: Batch, length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def _pad(batch: Batch, length: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`batch`'s mask and KV padded to `length` columns: on the left, or the right for right-aligned rows."""
     pad = length - batch.past_length
-    mask = np.pad(batch.mask, ((0, 0), (pad, 0)))
-    past = [np.pad(as_numpy(v), ((0, 0), (0, 0), (pad, 0), (0, 0))) for v in batch.past]
+    side = (0, pad) if batch.right else (pad, 0)
+    mask = np.pad(batch.mask, ((0, 0), side))
+    past = [np.pad(as_numpy(v), ((0, 0), (0, 0), side, (0, 0))) for v in batch.past]
     return mask, past
 
 
 def join(a: Batch, b: Batch, ort_values: bool) -> Batch:
-    """`a`'s rows then `b`'s, KV caches left-padded to the longer past. Neither input is used afterwards."""
+    """`a`'s rows then `b`'s, KV caches padded to the longer past. Neither input is used afterwards."""
     if a.rows == 0:
         return b
     if b.rows == 0:
         return a
+    if a.right != b.right:
+        raise ValueError("a left-padded and a right-padded batch cannot join")
     length = max(a.past_length, b.past_length)
-    mask_a, past_a = _left_pad(a, length)
-    mask_b, past_b = _left_pad(b, length)
+    mask_a, past_a = _pad(a, length)
+    mask_b, past_b = _pad(b, length)
     past = [np.concatenate([x, y], axis=0) for x, y in zip(past_a, past_b)]
     return Batch(
         keys=a.keys + b.keys,
@@ -81,24 +92,29 @@ def join(a: Batch, b: Batch, ort_values: bool) -> Batch:
         positions=np.concatenate([a.positions, b.positions]),
         past=as_values(past, ort_values),
         logits=np.concatenate([a.logits, b.logits], axis=0),
+        right=a.right,
     )
 
 
 def select(batch: Batch, keep: Sequence[int], ort_values: bool) -> Batch:
-    """The rows `keep` (indices, in that order), with left columns no kept row attends to trimmed."""
+    """The rows `keep` (indices, in that order), with the columns no kept row attends to trimmed."""
     keep = list(keep)
     if keep == list(range(batch.rows)):
         return batch
     index = np.asarray(keep, dtype=np.int64)
     mask = batch.mask[index]
     used = np.flatnonzero(mask.any(axis=0))
-    start = int(used[0]) if used.size else mask.shape[1]
-    past = [as_numpy(v)[index, :, start:, :] for v in batch.past]
+    if batch.right:
+        start, end = 0, int(used[-1]) + 1 if used.size else 0
+    else:
+        start, end = int(used[0]) if used.size else mask.shape[1], mask.shape[1]
+    past = [as_numpy(v)[index, :, start:end, :] for v in batch.past]
     return Batch(
         keys=[batch.keys[i] for i in keep],
         adapters=[batch.adapters[i] for i in keep],
-        mask=np.ascontiguousarray(mask[:, start:]),
+        mask=np.ascontiguousarray(mask[:, start:end]),
         positions=batch.positions[index],
         past=as_values(past, ort_values),
         logits=batch.logits[index],
+        right=batch.right,
     )

@@ -46,6 +46,7 @@ from lora_export.artifacts.decoder_folder import DecoderFolder, read_folder
 from lora_export.artifacts.onnxio import InitializerReader
 from lora_export.backends.onnxrt import open_session
 from lora_export.contract import (
+    ADAPTER_INDEX,
     ATTENTION_MASK,
     BANK,
     INPUT_IDS,
@@ -55,6 +56,7 @@ from lora_export.contract import (
     SlotTable,
     decoder_input_names,
     decoder_output_names,
+    past_names,
 )
 from lora_export.errors import UserError
 from lora_export.runtime import batch as batch_mod
@@ -117,15 +119,15 @@ class Generator:
         load_folder_adapters: bool = True,
     ):
         self.folder = folder if isinstance(folder, DecoderFolder) else read_folder(folder)
-        if self.folder.fused:
-            raise UserError(
-                f"{self.folder.path} is a fused folder (GroupQueryAttention, in-place KV cache): ONNX Runtime GenAI "
-                "runs it; lora-export generate/serve need a traced folder (export-decoder without --fused)"
-            )
         self.facts = self.folder.facts
         self.session = open_session(self.folder.model_path, providers, threads, spinning=spinning)
         self.slots = SlotTable.from_session(self.session, InitializerReader(self.folder.model_path))
+        # a fused graph (GroupQueryAttention) takes no position ids: it reads each row's length off the mask's row
+        # sums and places new tokens there, so its rows are right-padded (`Batch.right`)
+        self.fused = self.folder.fused
         self.input_names = decoder_input_names(self.facts.num_layers)
+        if self.fused:
+            self.input_names.remove(POSITION_IDS)
         self.output_names = decoder_output_names(self.facts.num_layers)
         self._check_graph()
         self.io_binding = io_binding
@@ -155,7 +157,7 @@ class Generator:
             )
 
     def _past_type(self) -> str:
-        return next(i.type for i in self.session.get_inputs() if i.name == self.input_names[3])
+        return next(i.type for i in self.session.get_inputs() if i.name == past_names(0)[0])
 
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str | Path | Adapter, *, allow_nonfinite: bool = False) -> Adapter:
@@ -233,8 +235,9 @@ class Generator:
         ids = np.full((len(prompts), width), self.facts.pad, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
+            cols = slice(0, len(p)) if self.fused else slice(width - len(p), width)
+            ids[i, cols] = p
+            mask[i, cols] = 1
         positions = np.where(mask == 0, 1, np.cumsum(mask, axis=1) - 1)  # transformers' left-padding convention
         empty = np.zeros((len(prompts), self.facts.num_key_value_heads, 0, self.facts.head_size), dtype=self._dtype)
         batch = Batch(
@@ -244,9 +247,12 @@ class Generator:
             positions=np.zeros(len(prompts), dtype=np.int64),
             past=batch_mod.as_values([empty] * (2 * self.facts.num_layers), self.io_binding),
             logits=np.zeros((len(prompts), self.facts.vocab_size), dtype=np.float32),
+            right=self.fused,
         )
-        self._advance(batch, ids, mask, positions)
+        logits = self._advance(batch, ids, mask, positions)
         batch.positions = np.asarray(lengths, dtype=np.int64)
+        if self.fused:  # each row's next-token logits sit at its own last token
+            batch.logits = np.ascontiguousarray(logits[np.arange(len(prompts)), batch.positions - 1], np.float32)
         return batch
 
     def step(self, batch: Batch, tokens: Sequence[int] | Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
@@ -262,7 +268,14 @@ class Generator:
         k = ids.shape[1]
         if int(batch.positions.max(initial=0)) + k > self.facts.context_length:
             raise UserError(f"a row would pass the model's context ({self.facts.context_length} tokens): drop it first")
-        mask = np.concatenate([batch.mask, np.ones((batch.rows, k), dtype=np.int64)], axis=1)
+        if batch.right and k > 1 and batch.rows > 1:  # GroupQueryAttention takes k new tokens after a cache for one row
+            steps = [self.step(batch, ids[:, j]) for j in range(k)]  # only: k one-token runs compute the same
+            return np.stack(steps, axis=1)
+        if batch.right:  # each row's k tokens follow its own length; the cache grows by k columns
+            width = batch.past_length + k
+            mask = (np.arange(width)[None, :] < (batch.positions + k)[:, None]).astype(np.int64)
+        else:
+            mask = np.concatenate([batch.mask, np.ones((batch.rows, k), dtype=np.int64)], axis=1)
         positions = batch.positions[:, None] + np.arange(k, dtype=np.int64)[None, :]
         logits = self._advance(batch, ids, mask, positions)
         batch.positions = batch.positions + k
@@ -299,6 +312,11 @@ class Generator:
         lora = _Lora()
         if self.layout == BANK:
             values = self.store.bank_feeds(batch.adapters)
+            if self.fused:  # its bank gathers each row's entry (rows at -1 masked): an empty bank gets a zero one
+                values = {
+                    n: v if n == ADAPTER_INDEX or len(v) else np.zeros((1, *v.shape[1:]), v.dtype)
+                    for n, v in values.items()
+                }
             lora.values = dict(zip(values, batch_mod.as_values(list(values.values()), self.io_binding)))
         elif self.layout == INPUTS and batch.rows:
             lora.run_options, lora.values = self.store.activation(batch.adapters[0])
@@ -308,13 +326,15 @@ class Generator:
     def _advance(self, batch: Batch, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Run the graph on `ids` after `batch`'s cache; store the new cache, mask and last logits in `batch`."""
         lora = self._lora(batch)
-        small = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: np.ascontiguousarray(positions)}
-        past_names = self.input_names[3:]
+        small = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+        if not self.fused:
+            small[POSITION_IDS] = np.ascontiguousarray(positions)
+        past_inputs = self.input_names[len(small) :]
         if self.io_binding:
             io = self.session.io_binding()
             for name, value in small.items():
                 io.bind_cpu_input(name, value)
-            for name, value in zip(past_names, batch.past):
+            for name, value in zip(past_inputs, batch.past):
                 io.bind_ortvalue_input(name, value)
             for name, value in lora.values.items():
                 io.bind_ortvalue_input(name, value)
@@ -324,7 +344,7 @@ class Generator:
             outs = io.get_outputs()
             logits, present = outs[0].numpy(), list(outs[1:])
         else:
-            feeds = {**small, **dict(zip(past_names, batch.past)), **lora.values}
+            feeds = {**small, **dict(zip(past_inputs, batch.past)), **lora.values}
             outs = self.session.run(self.output_names, feeds, lora.run_options)
             logits, present = outs[0], outs[1:]
         batch.past, batch.mask = present, mask

@@ -148,7 +148,7 @@ class IngressBackend:
         self.replica_stats[now["replica"]] = now["stats"]
         counters = list(self.replica_stats.values())
         numbers = [k for k, v in counters[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        total = {k: sum(c[k] for c in counters) for k in numbers}
+        total = {k: sum(c.get(k) or 0 for c in counters) for k in numbers}
         total["mean_rows_per_step"] = round(total["row_steps"] / total["steps"], 3) if total["steps"] else 0.0
         total["max_rows"] = max(c["max_rows"] for c in counters)
         return {"replicas": dict(self.replica_stats), "total": total}

@@ -1,6 +1,7 @@
 """Start (or join) Ray, deploy the Serve application, wait, and stop everything that was started.
 
-Without `address` (and no `RAY_ADDRESS`), a local Ray instance is started and, on Ctrl-C or SIGTERM, the
+Without `address` (and no `RAY_ADDRESS`), a local Ray instance is started (its session files in a temporary
+directory of its own, removed on exit: nothing is left under /tmp/ray) and, on Ctrl-C or SIGTERM, the
 Serve application, Serve and that Ray instance are shut down. With `address`, the application is deployed
 on that cluster and on exit only the application is deleted (the cluster and its Serve instance stay up).
 """
@@ -8,10 +9,13 @@ on that cluster and on exit only the application is deleted (the cluster and its
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from lora_export.errors import MissingDependencyError, UserError
 from lora_export.serving.config import ServeConfig
@@ -42,12 +46,20 @@ def serve(
     stop = stop or threading.Event()
     started_ray = False
     deployed = False
+    session_dir = None
     with _Signals() as signals:
         try:
             if config.address:
                 ray.init(address=config.address, log_to_driver=False, logging_level=logging.WARNING)
             else:  # "local": a new instance even when `ray start` left one running on this machine
-                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                session_dir = tempfile.mkdtemp(prefix="lora_ray_")  # short: Ray's socket paths must fit 107 bytes
+                ray.init(
+                    address="local",
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                    _temp_dir=session_dir,
+                )
                 started_ray = True
             signals.install()  # ray.init sets its own SIGTERM handler (exit at once): ours stops cleanly
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -63,8 +75,21 @@ def serve(
                 time.sleep(0.2)
         finally:
             signals.ignore()  # one Ctrl-C is enough: the shutdown below is bounded
-            _shutdown(ray, ray_serve, config, started_ray, deployed)
+            try:
+                _shutdown(ray, ray_serve, config, started_ray, deployed)
+            finally:
+                if session_dir is not None:
+                    _remove(Path(session_dir))
     return signals.received
+
+
+def _remove(folder: Path, attempts: int = 10) -> None:
+    """Remove the local instance's session directory (its processes may still be closing their log files)."""
+    for _ in range(attempts):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(0.2)
 
 
 def _shutdown(ray, ray_serve, config: ServeConfig, started_ray: bool, deployed: bool) -> None:

@@ -17,6 +17,7 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from lora_export.errors import UserError
@@ -311,4 +312,16 @@ class ServeEngine:
             "adapters_resident": self.resident(),
             "adapter_evictions": self.evictions,
             "deferred_unloads": self.deferred_unloads,
+            "rss_bytes": _rss_bytes(),
         }
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux `/proc`; None elsewhere): what the adapter cache bounds."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -167,7 +167,10 @@ def verify_generation(
 
     info = read_folder(folder)
     adapters = list(adapters)
-    candidate = _genai_candidate(info, adapters) if info.fused else _generator_candidate(info, adapters)
+    # a fused folder runs under GenAI, the runtime it is written for; a fused bank one (adapter_index, which GenAI
+    # does not feed) and traced ones under our Generator
+    genai = info.fused and info.layout != BANK
+    candidate = _genai_candidate(info, adapters) if genai else _generator_candidate(info, adapters)
     with candidate as (layout, greedy):
         if layout != MERGED and not adapters:
             adapters = [read_adapter(p, name=n) for n, p in info.adapter_files.items()]
@@ -198,8 +201,8 @@ def _check_given(layout: str, given: list[Adapter]) -> None:
 
 @contextlib.contextmanager
 def _generator_candidate(info: DecoderFolder, given: list[Adapter]):
-    """Our `Generator` on a traced folder, all prompts of a case as one left-padded batch; given adapters replace
-    the folder's own of the same name. Yields (layout, greedy(prompts, rows, new_tokens))."""
+    """Our `Generator` on a folder, all prompts of a case as one batch (left-padded; right-padded when fused);
+    given adapters replace the folder's own of the same name. Yields (layout, greedy(prompts, rows, new_tokens))."""
     from lora_export.runtime.generator import Generator
 
     with Generator(info) as gen:
