@@ -141,3 +141,22 @@ def test_unload_removes_the_packed_file(sample_cache, export_cache):
         assert len(os.listdir(folder)) == 1
         sess.unload("x")
         assert os.listdir(folder) == []
+
+
+def test_the_bank_cache_is_bounded_in_bytes(gpt2_bank, monkeypatch):
+    """Stacked banks are cached per set of adapters, at most BANK_CACHE sets and BANK_CACHE_BYTES: with many adapters
+    sets rarely recur, so an uncapped cache grows by one stacked bank per set."""
+    loaded, path = gpt2_bank
+    with LoraSession(path) as sess:
+        for i in range(4):
+            sess.load_adapter(f"a{i}", make_random_adapter(loaded, seed=i, name=f"a{i}"))
+        store = sess.store
+        one = session_mod._nbytes(store.bank_feeds(["a0"]))
+        monkeypatch.setattr(session_mod, "BANK_CACHE_BYTES", int(2.5 * one))  # room for two one-adapter sets
+        for name in ("a1", "a2", "a3"):
+            store.bank_feeds([name, None])
+        assert [k[0][0] for k in store._bank_cache] == ["a2", "a3"]
+        assert sum(map(session_mod._nbytes, store._bank_cache.values())) <= 2.5 * one
+        big = store.bank_feeds(["a0", "a1", "a2", "a3"])  # alone over the budget: used, not kept
+        assert big["adapter_index"].tolist() == [0, 1, 2, 3]
+        assert [k[0][0] for k in store._bank_cache] == ["a2", "a3"]

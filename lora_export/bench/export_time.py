@@ -60,7 +60,7 @@ def run_export_times(layers: list[int], *, traced: bool = True, workdir: str | N
                 common += ["--no-verify", "--force"]
                 runs[f"fused {layout}"] = [*common, "--fused", "-o", str(work / f"f{n}{layout}")]
                 if traced:
-                    runs[f"traced {layout}"] = [*common, "-o", str(work / f"t{n}{layout}")]
+                    runs[f"traced {layout}"] = [*common, "--unfused", "-o", str(work / f"t{n}{layout}")]
             builder_wall = None
             for what, cmd in runs.items():
                 log(f"{n} layers: {what}")

@@ -40,8 +40,14 @@ def _folders(loaded, x, work: Path, log, timings: dict) -> dict[str, tuple[Path,
 
     merged, inputs = work / "dec_merged", work / "dec_inputs"
     log("speed: exporting decoder folders (merged with x, inputs with x)")
-    timed("export-decoder merged s", lambda: export_decoder(loaded, merged, adapters=[x], layout="merged", force=True))
-    timed("export-decoder inputs s", lambda: export_decoder(loaded, inputs, adapters=[x], layout="inputs", force=True))
+    timed(
+        "export-decoder merged s",
+        lambda: export_decoder(loaded, merged, adapters=[x], layout="merged", force=True, fused=False),
+    )
+    timed(
+        "export-decoder inputs s",
+        lambda: export_decoder(loaded, inputs, adapters=[x], layout="inputs", force=True, fused=False),
+    )
     out = {"fp32": (merged, None)}
     jobs = {
         "fused": (merged, dict(fuse="all")),

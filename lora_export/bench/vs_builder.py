@@ -5,8 +5,9 @@
 
 Folders (build wall times are measured too): the builder's fp32 and int4 (`-p int4`, block 32, accuracy level
 4), ours fused (`export-decoder --fused`) merged fp32, inputs fp32 + adapter, merged int4, inputs int4 + adapter,
-and ours traced (unfused) merged fp32 for contrast. Each candidate is one greedy generation per call (a prompt,
-then `new_tokens` tokens, eos ignored: the next token is appended by hand), timed with per-token marks, all
+and ours traced (unfused) merged fp32 for contrast; and our `Generator` (what `generate` / `serve` run) on the
+fused inputs fp32 folder with its adapter. Each candidate is one greedy generation per call (a prompt, then
+`new_tokens` tokens, eos ignored: the next token is appended by hand), timed with per-token marks, all
 candidates interleaved in one process (`bench.latency.measure`), intra-op spinning off, at 1 thread and at the
 default. Prefill = the time to the first token's logits; decode = the median per-token time.
 """
@@ -32,7 +33,10 @@ PAIRS = [
     ("fused inputs int4 + adapter", "builder int4", 1.05),
     ("fused inputs fp32 + adapter", "builder fp32", None),
     ("traced merged fp32", "builder fp32", None),
+    ("generator: fused inputs fp32 + adapter", "fused inputs fp32 + adapter", None),  # our runtime vs GenAI
+    ("generator: fused inputs fp32 + adapter", "builder fp32", None),
 ]
+GENERATOR = "generator: "  # candidates run by our Generator on the folder named after the prefix
 
 
 @dataclass
@@ -88,8 +92,12 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
             timed(name, export)
             folders[name] = (out, out / "adapters" / "adapter.onnx_adapter" if layout == "inputs" else None)
     out = work / "traced_merged"
-    timed("traced merged fp32", lambda: export_decoder(load_model(str(model_dir), lazy=True), out, adapters=[adapter]))
+    timed(
+        "traced merged fp32",
+        lambda: export_decoder(load_model(str(model_dir), lazy=True), out, adapters=[adapter], fused=False),
+    )
     folders["traced merged fp32"] = (out, None)
+    folders[GENERATOR + "fused inputs fp32 + adapter"] = folders["fused inputs fp32 + adapter"]
     return folders, builds
 
 
@@ -102,6 +110,11 @@ def measure_setting(folders, prompt_len: int, new_tokens: int, rounds: int, thre
     prompt = np.random.default_rng(0).integers(1, vocab, size=prompt_len).astype(np.int32)
     candidates, times = [], {}
     for name, (folder, adapter_file) in folders.items():
+        if name.startswith(GENERATOR):
+            steps = StepTimes()
+            candidates.append(Candidate(name, _generator_call(folder, threads, prompt, new_tokens, steps)))
+            times[name] = steps
+            continue
         model = genai_model(folder, threads)
         adapters = None
         if adapter_file is not None:
@@ -131,6 +144,25 @@ def measure_setting(folders, prompt_len: int, new_tokens: int, rounds: int, thre
         firsts, _, medians = steps.timed(1)
         rows.append({"candidate": name, "prefill_ms": float(np.median(firsts)), "decode_ms": float(np.median(medians))})
     return rows
+
+
+def _generator_call(folder: Path, threads: int | None, prompt: np.ndarray, new_tokens: int, steps):
+    """One greedy generation by our `Generator` (the folder's adapter active), with the same per-token marks."""
+    from lora_export.runtime import Generator
+
+    gen = Generator(folder, threads=threads, spinning=False)
+    adapter = next(iter(gen.adapters()), None)
+    ids = [int(t) for t in prompt]
+
+    def call(_h):
+        steps.start()
+        batch = gen.prefill([ids], adapter=adapter)
+        steps.mark()
+        for _ in range(new_tokens - 1):
+            gen.step(batch, [int(np.argmax(batch.logits[0]))])
+            steps.mark()
+
+    return call
 
 
 def run_vs_builder(
