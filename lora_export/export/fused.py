@@ -17,10 +17,10 @@ construction, and builds as fast as it does (no torch trace). We then wire the L
   step at 200 past tokens, ONNX Runtime, 1 thread: the adapter added 25% to a step as blocks, 11% as deltas).
 
 Layouts: `merged` (the adapter folded into the weights first, then the builder), `inputs`, and `bank`: per-row
-adapters by `adapter_index`, in the gather formulation (each row's A `[in, R]` and B `[R, out]` gathered from
-the `[N, in, R]` / `[N, R, out]` banks, a batched MatMul, rows at -1 masked to zero), so a row's LoRA cost does
-not grow with the number of adapters in the batch. A bank folder is run by our `Generator` (GenAI feeds no
-`adapter_index`). DoRA, `modules_to_save`, embeddings, and architectures the builder does not write fall back to
+adapters by the adapter index input, in the gather formulation (each row's A `[in, R]` and B `[R, out]` gathered
+from the `[N, in, R]` / `[N, R, out]` banks, a batched MatMul, rows at -1 masked to zero), so a row's LoRA cost
+does not grow with the number of adapters in the batch. A bank folder is run by our `Generator` (GenAI feeds no
+adapter index). DoRA, `modules_to_save`, embeddings, and architectures the builder does not write fall back to
 the traced graph (`export.decoder`) with one line saying why (`fused_refusal`). The builder's node names are what
 we find the projections by: `onnxruntime-genai` is pinned (pyproject `fused` extra) and a test fails when they move.
 """
@@ -325,7 +325,7 @@ def _fold(model, linear: dict[str, tuple[int, int]], adapter: Adapter) -> None:
 
 
 def _row_selector(graph):
-    """The bank's per-row selection, made once: `adapter_index [batch]` as a gather index (-1 -> 0) and a row
+    """The bank's per-row selection, made once: the adapter index `[batch]` as a gather index (-1 -> 0) and a row
     mask `[batch, 1, 1]` (0 for rows at -1, so they get no branch). The runtime feeds at least one bank entry."""
     import onnx_ir as ir
 

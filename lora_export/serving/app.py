@@ -13,11 +13,14 @@ the same path on every node that runs a replica.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray.exceptions as ray_errors
 from ray import serve
+from ray.serve import exceptions as serve_errors
 
 from lora_export.serving import protocol as p
 from lora_export.serving.config import ServeConfig
@@ -79,6 +82,36 @@ class EngineDeployment:
             engine.close()
 
 
+# a replica (its process, or its node) went away under a request: retryable, never a 500 with Ray's internals
+REPLICA_LOST = (
+    ray_errors.RayActorError,  # ActorDiedError, ActorUnavailableError
+    ray_errors.WorkerCrashedError,
+    ray_errors.NodeDiedError,
+    ray_errors.ObjectLostError,  # OwnerDiedError
+    serve_errors.DeploymentUnavailableError,
+    serve_errors.BackPressureError,
+)
+if hasattr(serve_errors, "ReplicaUnavailableError"):
+    REPLICA_LOST += (serve_errors.ReplicaUnavailableError,)
+
+
+def replica_lost() -> ApiError:
+    return ApiError(
+        503,
+        "The model replica serving this request stopped (it is being replaced): retry the request.",
+        code="replica_unavailable",
+    )
+
+
+@contextlib.contextmanager
+def _retryable():
+    """Replica loss under a call -> a 503 the client may retry (the official clients retry 503s themselves)."""
+    try:
+        yield
+    except REPLICA_LOST:
+        raise replica_lost() from None
+
+
 class IngressBackend:
     """`openai_api.Backend` over the engine deployment's handle."""
 
@@ -105,18 +138,27 @@ class IngressBackend:
             self.replica_stats[event["replica"]] = event["stats"]
 
     async def complete(self, request: EngineRequest) -> dict[str, Any]:
-        result = await self.engine.complete.remote(request, self.table.live())
+        with _retryable():
+            result = await self.engine.complete.remote(request, self.table.live())
         _raise_rejected(result)
         self._note(result)
         return result
 
     async def stream(self, request: EngineRequest) -> AsyncIterator[dict[str, Any]]:
         response = self.engine.options(stream=True).stream.remote(request, self.table.live())
+        accepted = False
         try:
-            async for event in response:
-                _raise_rejected(event)
-                self._note(event)
-                yield event
+            with _retryable():
+                async for event in response:
+                    _raise_rejected(event)
+                    self._note(event)
+                    accepted = True
+                    yield event
+        except ApiError as e:
+            if not accepted or e.status != 503:
+                raise
+            # the replica went away mid-stream: the stream ends with a retryable error event, not a cut
+            yield {"finish": "error", "error": e.message, "status": 503, "prompt_tokens": 0, "completion_tokens": 0}
         finally:
             response.cancel()  # a client that went away frees its row at the next step
 

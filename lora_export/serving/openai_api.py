@@ -255,6 +255,9 @@ async def _sse(
                 yield p.sse(p.chunk(rid, model, True, [choice]))
         async for i, event in events:
             if "finish" in event:
+                if event.get("error") and event.get("status") == 503:  # the replica went away: retryable
+                    yield p.sse(ApiError(503, event["error"], code="replica_unavailable").body())
+                    continue
                 if event.get("error"):
                     yield p.sse(internal_error(RuntimeError(event["error"])).body())
                     continue

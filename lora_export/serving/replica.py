@@ -13,6 +13,7 @@ unloaded once the ingress's table no longer lists that version and no request ho
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -313,7 +314,16 @@ class ServeEngine:
             "adapter_evictions": self.evictions,
             "deferred_unloads": self.deferred_unloads,
             "rss_bytes": _rss_bytes(),
+            "open_fds": _open_fds(),
         }
+
+
+def _open_fds() -> int | None:
+    """This process's open file descriptors (Linux `/proc`; None elsewhere): a leak shows as growth."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
 
 
 def _rss_bytes() -> int | None:

@@ -167,8 +167,8 @@ def verify_generation(
 
     info = read_folder(folder)
     adapters = list(adapters)
-    # a fused folder runs under GenAI, the runtime it is written for; a fused bank one (adapter_index, which GenAI
-    # does not feed) and traced ones under our Generator
+    # a fused folder runs under GenAI, the runtime it is written for; a fused bank one (GenAI feeds no adapter
+    # index) and traced ones under our Generator
     genai = info.fused and info.layout != BANK
     candidate = _genai_candidate(info, adapters) if genai else _generator_candidate(info, adapters)
     with candidate as (layout, greedy):
