@@ -16,10 +16,13 @@ Batch-level API (what a continuous-batching scheduler composes; `generate` and `
     batch = gen.drop(batch, [batch.row_of("a")])   # finished rows leave
 
 - `prefill(prompts, adapter=None | adapters=[...], keys=None) -> Batch`: prompts (lists of ids, any lengths,
-  left-padded together; position ids `cumsum(mask) - 1`) run from an empty cache (past length 0). `keys` are
+  left-padded together, position ids `cumsum(mask) - 1`; right-padded on a fused folder, whose
+  GroupQueryAttention takes each row's length from the mask) run from an empty cache (past length 0). `keys` are
   the caller's ids for the rows (`batch.keys`, `batch.row_of(key)`), unique in a batch; by default fresh ints
   unique within the generator, so any two prefills can join.
-- `step(batch, tokens) -> logits`: appends `tokens` (`[rows]` or `[rows, k]`) to every row, one graph run.
+- `step(batch, tokens) -> logits`: appends `tokens` (`[rows]` or `[rows, k]`) to every row, one graph run
+  (fused, k > 1 and several rows: k one-token runs, as GroupQueryAttention takes k tokens after a cache for one
+  row only).
 - `join(batch, other) -> Batch`: `other`'s rows join `batch`'s (KV padded to a common past with masked slots;
   position ids stay per row). On `inputs` folders all rows of a batch share one adapter; `bank` folders mix.
 - `drop(batch, rows) -> Batch`: the rows at those indices leave; the rest keep their caches.
