@@ -6,8 +6,10 @@
 Folders (build wall times are measured too): the builder's fp32 and int4 (`-p int4`, block 32, accuracy level
 4), ours fused (`export-decoder --fused`) merged fp32, inputs fp32 + adapter, merged int4, inputs int4 + adapter,
 and ours traced (unfused) merged fp32 for contrast; and our `Generator` (what `generate` / `serve` run) on the
-fused inputs fp32 folder with its adapter. Each candidate is one greedy generation per call (a prompt, then
-`new_tokens` tokens, eos ignored: the next token is appended by hand), timed with per-token marks, all
+fused inputs fp32 folder with its adapter, and on a fused bank int4 folder with 4 rows of 4 different adapters
+against the builder's int4 folder at batch 4 under GenAI. Each candidate is one greedy generation per call (a
+prompt, then `new_tokens` tokens, eos ignored: the next token is appended by hand, or GenAI's own greedy search
+with `min_length` at batch 4), timed with per-token marks, all
 candidates interleaved in one process (`bench.latency.measure`), intra-op spinning off, at 1 thread and at the
 default. Prefill = the time to the first token's logits; decode = the median per-token time.
 """
@@ -35,7 +37,9 @@ PAIRS = [
     ("traced merged fp32", "builder fp32", None),
     ("generator: fused inputs fp32 + adapter", "fused inputs fp32 + adapter", None),  # our runtime vs GenAI
     ("generator: fused inputs fp32 + adapter", "builder fp32", None),
+    ("generator: fused bank int4, 4 rows x 4 adapters", "builder int4, batch 4", 1.15),
 ]
+BATCH = 4  # rows of the bank candidate and of the builder's batch candidate
 GENERATOR = "generator: "  # candidates run by our Generator on the folder named after the prefix
 
 
@@ -68,6 +72,7 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
 
     adapter_dir = random_adapter_dir(model_dir, work / "adapter", rank)
     adapter = read_adapter(adapter_dir, name="adapter")
+    bank = [read_adapter(random_adapter_dir(model_dir, work / f"a{i}", rank, seed=1 + i)) for i in range(BATCH)]
     folders, builds = {}, {}
 
     def timed(name, fn):
@@ -80,6 +85,7 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
         out = work / f"builder_{precision}"
         timed(f"builder {precision}", lambda o=out, p=precision: run_builder(model_dir, o, p, work / "cache"))
         folders[f"builder {precision}"] = (out, None)
+    folders[f"builder int4, batch {BATCH}"] = folders["builder int4"]
     for precision in ("fp32", "int4"):
         for layout in ("merged", "inputs"):
             name = f"fused {layout} {precision}" + (" + adapter" if layout == "inputs" else "")
@@ -98,6 +104,14 @@ def build_folders(model_dir: Path, work: Path, rank: int) -> tuple[dict[str, tup
     )
     folders["traced merged fp32"] = (out, None)
     folders[GENERATOR + "fused inputs fp32 + adapter"] = folders["fused inputs fp32 + adapter"]
+    out = work / "fused_bank_int4"
+    timed(
+        "fused bank int4",
+        lambda: export_decoder(
+            load_model(str(model_dir), lazy=True), out, adapters=bank, layout="bank", fused=True, precision="int4"
+        ),
+    )
+    folders[GENERATOR + f"fused bank int4, {BATCH} rows x {BATCH} adapters"] = (out, None)
     return folders, builds
 
 
@@ -110,6 +124,13 @@ def measure_setting(folders, prompt_len: int, new_tokens: int, rounds: int, thre
     prompt = np.random.default_rng(0).integers(1, vocab, size=prompt_len).astype(np.int32)
     candidates, times = [], {}
     for name, (folder, adapter_file) in folders.items():
+        if name.endswith(f", batch {BATCH}"):
+            steps = StepTimes()
+            candidates.append(
+                Candidate(name, _genai_batch_call(genai_model(folder, threads), prompt, new_tokens, steps))
+            )
+            times[name] = steps
+            continue
         if name.startswith(GENERATOR):
             steps = StepTimes()
             candidates.append(Candidate(name, _generator_call(folder, threads, prompt, new_tokens, steps)))
@@ -146,20 +167,50 @@ def measure_setting(folders, prompt_len: int, new_tokens: int, rounds: int, thre
     return rows
 
 
+def _rows(prompt: np.ndarray, n: int) -> list[list[int]]:
+    """`n` prompts of the same length: the prompt rotated (different tokens per row)."""
+    return [np.roll(prompt, 7 * i).astype(int).tolist() for i in range(n)]
+
+
 def _generator_call(folder: Path, threads: int | None, prompt: np.ndarray, new_tokens: int, steps):
-    """One greedy generation by our `Generator` (the folder's adapter active), with the same per-token marks."""
+    """One greedy generation by our `Generator`, with the same per-token marks: an inputs folder's adapter on one
+    row, or a bank folder's adapters one per row (BATCH rows)."""
     from lora_export.runtime import Generator
 
     gen = Generator(folder, threads=threads, spinning=False)
-    adapter = next(iter(gen.adapters()), None)
-    ids = [int(t) for t in prompt]
+    names = sorted(gen.adapters())
+    bank = gen.layout == "bank"
+    prompts = _rows(prompt, BATCH) if bank else _rows(prompt, 1)
+    rows = [names[i % len(names)] for i in range(len(prompts))] if names else [None] * len(prompts)
 
     def call(_h):
         steps.start()
-        batch = gen.prefill([ids], adapter=adapter)
+        batch = gen.prefill(prompts, adapters=rows) if bank else gen.prefill(prompts, adapter=rows[0])
         steps.mark()
         for _ in range(new_tokens - 1):
-            gen.step(batch, [int(np.argmax(batch.logits[0]))])
+            gen.step(batch, batch.logits.argmax(axis=1).tolist())
+            steps.mark()
+
+    return call
+
+
+def _genai_batch_call(model, prompt: np.ndarray, new_tokens: int, steps):
+    """GenAI's own greedy search on BATCH rows at once (GenAI 0.18 takes tokens once for a batch > 1), marks as
+    above; `min_length` keeps every row going to `new_tokens`."""
+    import onnxruntime_genai as og
+
+    ids = np.asarray(_rows(prompt, BATCH), dtype=np.int32)
+    total = ids.shape[1] + new_tokens
+
+    def call(_h):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=total, min_length=total, batch_size=BATCH, do_sample=False)
+        gen = og.Generator(model, params)
+        steps.start()
+        gen.append_tokens(ids)
+        steps.mark()
+        for _ in range(new_tokens - 1):
+            gen.generate_next_token()
             steps.mark()
 
     return call
