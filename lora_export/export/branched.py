@@ -244,6 +244,15 @@ def _bank_layout(slots: list[Slot], max_rank: int, batch: int, dtype: torch.dtyp
     return extra
 
 
+def bank_rank(adapters: list[Adapter], max_rank: int | None) -> int:
+    """A bank's R: `max_rank`, by default the adapters' highest rank and at least 16; an adapter above it is refused."""
+    top = max((m.r for a in adapters for m in a.modules.values()), default=0)
+    rank = max_rank or max(top, 16)
+    if top > rank:
+        raise UserError(f"an adapter has rank {top}, above --max-rank {rank}: raise --max-rank")
+    return rank
+
+
 @dataclass
 class Wiring:
     """A branched layout, ready to trace: the extra graph inputs, the modules they feed, the slot table."""
@@ -331,10 +340,7 @@ def lora_wiring(
     if layout == INPUTS:
         extra = _inputs_layout(slots, torch_dtype)
     elif layout == BANK:
-        top = max((m.r for a in adapters for m in a.modules.values()), default=0)
-        max_rank = max_rank or max(top, 16)
-        if top > max_rank:
-            raise UserError(f"an adapter has rank {top}, above --max-rank {max_rank}: raise --max-rank")
+        max_rank = bank_rank(adapters, max_rank)
         extra = _bank_layout(slots, max_rank, max(batch, 2), torch_dtype)
     else:
         raise UserError(f"unknown layout {layout!r}: choose inputs or bank")

@@ -60,7 +60,7 @@ from lora_export.contract import (
     weight_names,
 )
 from lora_export.errors import UserError
-from lora_export.export.branched import BANK_FORMULATION_KEY
+from lora_export.export.branched import BANK_FORMULATION_KEY, bank_rank
 from lora_export.export.decoder_result import WRITTEN, DecoderExport, copy_tokenizer, pack_folder_adapters
 from lora_export.models.loading import LoadedModel
 
@@ -140,7 +140,7 @@ def export_fused_decoder(
     adapters = list(adapters)
     linear = _linear_modules(loaded)
     slots = _slot_paths(linear, adapters, targets) if layout != MERGED else []
-    bank_rank = _bank_rank(adapters, max_rank) if layout == BANK else None
+    rank = bank_rank(adapters, max_rank) if layout == BANK else None
     packed: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix=".fused.", dir=_parent(out)) as work:
         work = Path(work)
@@ -157,7 +157,7 @@ def export_fused_decoder(
                     shutil.copyfile(f, tmp / f.name)
             # the builder writes tokenizer.json; the rest as our traced folders
             copy_tokenizer(loaded.extra.get("model_dir", loaded.source), tmp, keep_existing=True)
-            model, branches = _wire(built / MODEL_NAME, linear, slots, bank_rank)
+            model, branches = _wire(built / MODEL_NAME, linear, slots, rank)
             if fold is not None:
                 _fold(model, linear, fold)
             import onnx_ir as ir
@@ -170,14 +170,6 @@ def export_fused_decoder(
             if table is not None:
                 packed = pack_folder_adapters(table, adapters, tmp, out)
     return DecoderExport(out, manifest, facts, packed)
-
-
-def _bank_rank(adapters: list[Adapter], max_rank: int | None) -> int:
-    top = max((m.r for a in adapters for m in a.modules.values()), default=0)
-    rank = max_rank or max(top, 16)
-    if top > rank:
-        raise UserError(f"an adapter has rank {top}, above --max-rank {rank}: raise --max-rank")
-    return rank
 
 
 def _parent(out: Path) -> Path:
@@ -262,14 +254,14 @@ def _members(node_name: str, linear: dict[str, tuple[int, int]]) -> list[Member]
     return members
 
 
-def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str], bank_rank: int | None = None):
+def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str], rank: int | None = None):
     """The builder's graph with a LoRA branch on every projection that has a member in `slots` (bank inputs of
-    rank `bank_rank` when it is given, else the inputs layout's)."""
+    R = `rank` when it is given, else the inputs layout's)."""
     import onnx_ir as ir
 
     model = ir.load(graph_path)
     graph = model.graph
-    rows = _row_selector(graph) if bank_rank is not None and slots else None
+    rows = _row_selector(graph) if rank is not None and slots else None
     wanted, found, k = set(slots), set(), 0
     for node in list(graph):
         if node.op_type not in ("MatMul", "MatMulNBits"):
@@ -288,7 +280,7 @@ def _wire(graph_path: Path, linear: dict[str, tuple[int, int]], slots: list[str]
                 b_vals.append(_lora_input(graph, b_name, [rank_dim(k), m.size], (0, m.size)))
             else:
                 a_name, b_name = bank_names(m.path)
-                a_shape, b_shape = (m.in_features, bank_rank), (bank_rank, m.size)
+                a_shape, b_shape = (m.in_features, rank), (rank, m.size)
                 a_vals.append(_lora_input(graph, a_name, [NUM_ADAPTERS_DIM, *a_shape], (0, *a_shape)))
                 b_vals.append(_lora_input(graph, b_name, [NUM_ADAPTERS_DIM, *b_shape], (0, *b_shape)))
             found.add(m.path)
@@ -324,6 +316,20 @@ def _fold(model, linear: dict[str, tuple[int, int]], adapter: Adapter) -> None:
         raise UserError(f"the builder's graph has no float projection for {missing[0]}: export with --unfused")
 
 
+def _node_maker(prefix: str, made: list):
+    """`op(op_type, inputs, name, **attrs)` -> the output of a new one-output node `prefix/name`, appended to
+    `made` (inserted into the graph by the caller, in order)."""
+    import onnx_ir as ir
+
+    def op(op_type, inputs, name, **attrs):
+        n = ir.node(op_type, inputs, attributes=attrs or None, name=f"{prefix}/{name}", num_outputs=1)
+        n.outputs[0].name = f"{prefix}/{name}/output_0"
+        made.append(n)
+        return n.outputs[0]
+
+    return op
+
+
 def _row_selector(graph):
     """The bank's per-row selection, made once: the adapter index `[batch]` as a gather index (-1 -> 0) and a row
     mask `[batch, 1, 1]` (0 for rows at -1, so they get no branch). The runtime feeds at least one bank entry."""
@@ -332,13 +338,7 @@ def _row_selector(graph):
     index = ir.Value(name=ADAPTER_INDEX, shape=ir.Shape(["batch_size"]), type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(index)
     made = []
-
-    def op(op_type, inputs, name, **attrs):
-        n = ir.node(op_type, inputs, attributes=attrs or None, name=f"/lora/{name}", num_outputs=1)
-        n.outputs[0].name = f"/lora/{name}/output_0"
-        made.append(n)
-        return n.outputs[0]
-
+    op = _node_maker("/lora", made)
     zero = op("Constant", [], "zero", value=ir.tensor(np.array(0, dtype=np.int64)))
     gather_index = op("Max", [index, zero], "GatherIndex")
     live = op("Cast", [op("GreaterOrEqual", [index, zero], "Live")], "LiveFloat", to=ir.DataType.FLOAT)
@@ -361,17 +361,10 @@ def _lora_input(graph, name: str, dims: list, default_shape: tuple[int, ...]):
 def _branch(graph, node, members: list[Member], adapted: list[Member], a_vals, b_vals, rows=None) -> None:
     """y = MatMul(x, W) becomes y + (x·A)·B; a packed MatMul adds the concatenation of its members' (x·A_i)·B_i.
     Bank (`rows` = the row selector): each row's A and B gathered from the banks, its branch masked when at -1."""
-    import onnx_ir as ir
-
     x, y = node.inputs[0], node.outputs[0]
     base = f"{node.name}/lora"
     made = []
-
-    def op(op_type, inputs, name, **attrs):
-        n = ir.node(op_type, inputs, attributes=attrs or None, name=f"{base}/{name}", num_outputs=1)
-        n.outputs[0].name = f"{base}/{name}/output_0"
-        made.append(n)
-        return n.outputs[0]
+    op = _node_maker(base, made)
 
     by_path = {m.path: (a, b) for m, a, b in zip(adapted, a_vals, b_vals)}
     deltas = []
