@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ import numpy as np
 
 from lora_export.artifacts.decoder_folder import read_folder
 from lora_export.bench.latency import percentile
-from lora_export.bench.serve import Server
+from lora_export.bench.report import publish, run_machine
+from lora_export.bench.serve import Server, replica_stats
 
 TARGETS = ["c_attn"]
 RANKS = (4, 16)
@@ -95,14 +95,6 @@ def adapter_bytes(ranks: dict[str, int], slots) -> float:
     return float(np.mean([r * per_rank for r in ranks.values()]))
 
 
-def replica_stats(url: str) -> dict:
-    """The (one) replica's own counters, as `/stats` reports them."""
-    import httpx2
-
-    replicas = httpx2.get(url.removesuffix("/v1") + "/stats", timeout=60).json()["replicas"]
-    return next(iter(replicas.values()))
-
-
 def draws(kind: str, n: int, count: int, seed: int) -> list[int]:
     """Adapter indices for `count` requests: all 0 (one), uniform over n, or Zipf (alpha = 1) over n."""
     rng = np.random.default_rng(seed)
@@ -118,15 +110,20 @@ def draws(kind: str, n: int, count: int, seed: int) -> list[int]:
 def cold_flags(names: list[str], cache: int, warm: set[str]) -> list[bool]:
     """Whether each request (in send order) finds its adapter outside an LRU of `cache` entries (starting from the
     adapters in `warm`): the server had to load it."""
+    return lru_pass(names, cache, warm)[0]
+
+
+def lru_pass(names: list[str], cache: int, warm: set[str]) -> tuple[list[bool], set[str]]:
+    """`cold_flags`, and the LRU's contents after the requests (the next load's `warm`)."""
     lru: OrderedDict[str, None] = OrderedDict((w, None) for w in warm)
-    out = []
+    cold = []
     for name in names:
-        out.append(name not in lru)
+        cold.append(name not in lru)
         lru[name] = None
         lru.move_to_end(name)
         while len(lru) > cache:
             lru.popitem(last=False)
-    return out
+    return cold, set(lru)
 
 
 async def load(url: str, names: list[str], prompts: list[list[int]], clients: int, new_tokens: int) -> dict:
@@ -229,11 +226,10 @@ def run_many_adapters_bench(args: ManyAdaptersOptions) -> dict:
             names = plan[kind]
             run = asyncio.run(load(server.url, names, prompts, args.clients, args.new_tokens))
             order = run["sent"]
-            cold_in_order = cold_flags([names[i] for i in order], cache, warm)
+            cold_in_order, warm = lru_pass([names[i] for i in order], cache, warm)
             cold = [False] * len(names)
             for i, flag in zip(order, cold_in_order):
                 cold[i] = flag
-            warm = _lru_after([names[i] for i in order], cache, warm)
             stats = replica_stats(server.url)
             summary = _summary(kind, run, names, cold)
             summary["rss_mb"] = round((stats.get("rss_bytes") or 0) / 2**20, 1)
@@ -264,30 +260,10 @@ def run_many_adapters_bench(args: ManyAdaptersOptions) -> dict:
         cold_over_warm_ttft_p99=round(cold_p99 / warm_p99, 2) if cold_p99 and warm_p99 else None,
         peft_rows_checked=len(checks),
         peft_rows_equal=sum(checks),
-        machine={
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_at_start": load_at_start,
-            "load_average_at_end": os.getloadavg(),
-        },
+        machine=run_machine(load_at_start),
     )
-    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        args.markdown.write_text(markdown(results, args.command))
+    publish(results, args.json, args.markdown, lambda r: markdown(r, args.command))
     return results
-
-
-def _lru_after(names: list[str], cache: int, warm: set[str]) -> set[str]:
-    lru: OrderedDict[str, None] = OrderedDict((w, None) for w in warm)
-    for name in names:
-        lru[name] = None
-        lru.move_to_end(name)
-        while len(lru) > cache:
-            lru.popitem(last=False)
-    return set(lru)
 
 
 def markdown(results: dict, command: str) -> str:
@@ -308,7 +284,7 @@ def markdown(results: dict, command: str) -> str:
         f"4..16, random non-zero B, {r['adapter_bytes_mean'] / 2**20:.2f} MiB each on average), "
         f"`--max-cpu-adapters {r['cache']}`, {r['clients']} closed-loop `openai` clients, {r['requests_per_load']} "
         f"requests per load, {r['prompt_len']}-token prompts, {r['new_tokens']} new tokens, greedy, streamed. "
-        f"{r['machine']['cpus']} cores; load average {r['machine']['load_average_at_start'][0]:.1f} at the start, "
+        f"{r['machine']['cores']} cores; load average {r['machine']['load_average_at_start'][0]:.1f} at the start, "
         f"{r['machine']['load_average_at_end'][0]:.1f} at the end.",
         "",
         "| goal | measured | status |",

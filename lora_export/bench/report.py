@@ -35,6 +35,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_machine(load_at_start: tuple[float, float, float]) -> dict[str, Any]:
+    """`machine_info()` with the load average at a run's start and now, at its end (the machines are shared)."""
+    return {**machine_info(), "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
+
+
+def publish(results: dict[str, Any], json_path, markdown_path, render) -> None:
+    """Print `results` (less its per-run rows), and write them as JSON and `render(results)` as markdown where
+    those paths are given."""
+    import json
+
+    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2))
+    if markdown_path:
+        markdown_path.write_text(render(results))
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, OS, library versions, and the GPU if PyTorch sees one."""
     info: dict[str, Any] = {

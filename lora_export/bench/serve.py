@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import numpy as np
 
 import lora_export
 from lora_export.bench.latency import Candidate, measure, percentile
+from lora_export.bench.report import publish, run_machine
 
 ROOT = Path(lora_export.__file__).resolve().parents[1]  # on the servers' and the worker's PYTHONPATH
 
@@ -189,9 +189,19 @@ async def clients(url: str, concurrency: int, per_client: int, prompts, new_toke
 
 
 def server_stats(url: str) -> dict:
+    """The server's counters summed over its replicas, as `/stats` reports them."""
+    return _stats(url)["total"]
+
+
+def replica_stats(url: str) -> dict:
+    """The (first) replica's own counters and process figures, as `/stats` reports them."""
+    return next(iter(_stats(url)["replicas"].values()))
+
+
+def _stats(url: str) -> dict:
     import httpx2
 
-    return httpx2.get(url.removesuffix("/v1") + "/stats", timeout=60).json()["total"]
+    return httpx2.get(url.removesuffix("/v1") + "/stats", timeout=60).json()
 
 
 @dataclass
@@ -245,18 +255,8 @@ def run_serve_bench(args: ServeBenchOptions) -> dict:
     batched = next(r for r in results["runs"]["max_batch_size_32"] if r["clients"] == top)
     single = next(r for r in results["runs"]["max_batch_size_1"] if r["clients"] == top)
     results["throughput_ratio_at_max_clients"] = round(batched["tokens_per_s"] / single["tokens_per_s"], 2)
-    results["machine"] = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_average_at_start": load_at_start,
-        "load_average_at_end": os.getloadavg(),
-    }
-    print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        args.markdown.write_text(markdown(results, args.command))
+    results["machine"] = run_machine(load_at_start)
+    publish(results, args.json, args.markdown, lambda r: markdown(r, args.command))
     return results
 
 
@@ -277,7 +277,7 @@ def markdown(results: dict, command: str) -> str:
         f"prompts, {results['new_tokens']} new tokens per request, greedy; clients are the official `openai` "
         "package (closed loop: each client sends its next request when the last one returns), adapters in "
         "turn; one engine replica; fp32, ONNX Runtime CPU. "
-        f"{load['cpus']} cores, shared: load average {load['load_average_at_start'][0]:.1f} at the start, "
+        f"{load['cores']} cores, shared: load average {load['load_average_at_start'][0]:.1f} at the start, "
         f"{load['load_average_at_end'][0]:.1f} at the end.",
         "",
         "| goal | measured | status |",

@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_export.bench.serve import ADAPTERS, Server, prepare
+from lora_export.bench.report import run_machine
+from lora_export.bench.serve import ADAPTERS, Server, prepare, replica_stats
 
 BAD_KINDS = ("unknown model", "string temperature", "unknown field", "negative max_tokens", "token id", "bad json")
 
@@ -173,6 +173,7 @@ def run_soak(opts: SoakOptions) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     folder, prompts = prepare(workdir, opts.model, 16, 64, seed=opts.seed)
     vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+    load_at_start = os.getloadavg()
     server = Server(folder, opts.port, opts.max_batch_size, wait_ms=10.0)
     try:
         t0 = time.perf_counter()
@@ -180,7 +181,7 @@ def run_soak(opts: SoakOptions) -> dict:
         wall = time.perf_counter() - t0
         picks = random.Random(opts.seed).sample(tally.replies, min(opts.replay, len(tally.replies)))
         same = asyncio.run(_replay(server.url, prompts, picks, opts.new_tokens))
-        final = next(iter(_stats(server.url).values()))
+        final = replica_stats(server.url)
     finally:
         server.close()
     after = [s for s in tally.samples if s["t"] >= opts.warmup] or tally.samples[-1:]
@@ -202,7 +203,7 @@ def run_soak(opts: SoakOptions) -> dict:
         "fds_after_warmup": start["fds"],
         "fds_end": end["fds"],
         "samples": tally.samples,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": os.getloadavg()},
+        "machine": run_machine(load_at_start),
     }
     results["passed"] = (
         results["unexpected"] == 0
@@ -217,12 +218,6 @@ def run_soak(opts: SoakOptions) -> dict:
     if opts.json:
         opts.json.write_text(json.dumps(results, indent=2))
     return results
-
-
-def _stats(url: str) -> dict:
-    import httpx2
-
-    return httpx2.get(url.removesuffix("/v1") + "/stats", timeout=60).json()["replicas"]
 
 
 def table(r: dict) -> list[str]:
