@@ -10,7 +10,7 @@ import json
 import pytest
 from serve_helpers import free_port
 
-from lora_export.bench.many_adapters import ManyAdaptersOptions, cold_flags, draws, run_many_adapters_bench
+from lora_export.bench.many_adapters import ManyAdaptersOptions, draws, lru_pass, run_many_adapters_bench
 
 pytest.importorskip("ray")
 
@@ -19,8 +19,8 @@ def test_draws_and_the_cold_rule():
     assert draws("one", 100, 5, 0) == [0] * 5
     uniform, zipf = draws("uniform", 100, 2000, 0), draws("zipf", 100, 2000, 0)
     assert len(set(uniform)) > 90 and max(zipf.count(i) for i in set(zipf)) > 5 * max(uniform.count(i) for i in uniform)
-    assert cold_flags(["a", "b", "a", "c", "a", "b"], 2, set()) == [True, True, False, True, False, True]
-    assert cold_flags(["w", "x"], 2, {"w"}) == [False, True]
+    assert lru_pass(["a", "b", "a", "c", "a", "b"], 2, set()) == ([True, True, False, True, False, True], {"a", "b"})
+    assert lru_pass(["w", "x"], 2, {"w"}) == ([False, True], {"w", "x"})
 
 
 def test_quick_many_adapters_bench_evicts_and_matches_peft(tmp_path):

@@ -107,14 +107,10 @@ def draws(kind: str, n: int, count: int, seed: int) -> list[int]:
     return order[rng.choice(n, size=count, p=weights / weights.sum())].tolist()
 
 
-def cold_flags(names: list[str], cache: int, warm: set[str]) -> list[bool]:
-    """Whether each request (in send order) finds its adapter outside an LRU of `cache` entries (starting from the
-    adapters in `warm`): the server had to load it."""
-    return lru_pass(names, cache, warm)[0]
-
-
 def lru_pass(names: list[str], cache: int, warm: set[str]) -> tuple[list[bool], set[str]]:
-    """`cold_flags`, and the LRU's contents after the requests (the next load's `warm`)."""
+    """Whether each request (in send order) finds its adapter outside an LRU of `cache` entries (starting from the
+    adapters in `warm`): the server had to load it; and the LRU's contents after the requests (the next load's
+    `warm`)."""
     lru: OrderedDict[str, None] = OrderedDict((w, None) for w in warm)
     cold = []
     for name in names:
