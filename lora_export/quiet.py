@@ -27,9 +27,9 @@ def quiet_third_party(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
-    saved_env = {k: os.environ.get(k) for k in _ENV}
     saved_levels = {name: logging.getLogger(name).level for name in _LOGGERS}
-    os.environ.update(_ENV)  # read by transformers / huggingface_hub when they are first imported
+    env = contextlib.ExitStack()
+    env.enter_context(environ(_ENV))  # read by transformers / huggingface_hub when they are first imported
     for name in _LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     restore_bars = _disable_loaded_bars()
@@ -39,16 +39,28 @@ def quiet_third_party(enabled: bool = True) -> Iterator[None]:
             warnings.filterwarnings("default", module=r"lora_export(\.|$)")
             yield
     finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.close()
         for name, level in saved_levels.items():
             logging.getLogger(name).setLevel(level)
         with warnings.catch_warnings():  # huggingface_hub warns when its env variable overrides enable
             warnings.simplefilter("ignore")
             restore_bars()
+
+
+@contextlib.contextmanager
+def environ(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in os.environ within the block (child processes started in it inherit them); the
+    previous values back after it."""
+    previous = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _disable_loaded_bars():

@@ -327,6 +327,17 @@ def test_openai_defaults_and_greedy_near_zero(client, decoder):
     assert _ids(tiny.choices[0]) == decoder.greedy(prompt, None, 8)[: len(_ids(tiny.choices[0]))]
 
 
+def test_rays_own_routes_need_the_key(server):
+    """Ray Serve's proxy answers `/-/routes` and `/-/healthz` itself: with --api-key they need the key too."""
+    root = server.url.removesuffix("/v1")
+    for path in ("/-/routes", "/-/healthz"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx2.get(root + path, headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        assert httpx2.get(root + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=30).status_code == 200
+    assert httpx2.get(root + "/health", timeout=30).status_code == 200  # the one probe without a key
+
+
 def test_models_show_no_server_paths(client):
     for card in client.models.list().data:
         assert not str(card.model_extra.get("root", "")).startswith("/"), card

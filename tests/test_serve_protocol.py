@@ -155,3 +155,33 @@ def test_runtime_loads_stay_inside_the_adapter_root(tmp_path):
     for path in ["good", str(root / "good")]:
         assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}).status_code == 200
     assert loaded == [("x", str(root / "good"))] * 2 and not any("outside" in p for _, p in loaded)
+
+
+def test_proxy_routes_need_the_key_and_the_rest_passes_through(monkeypatch):
+    """The middleware Ray Serve's proxy is wrapped in (`proxy_auth.middlewares`, named by Ray's callback
+    variable): `/-/...` without the key is OpenAI's 401; with it, and any other path, reaches the app."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from lora_export.serving import proxy_auth
+
+    monkeypatch.delenv(proxy_auth.KEY_ENV, raising=False)
+    assert proxy_auth.middlewares() == [] and proxy_auth.environment(None) == {}
+    env = proxy_auth.environment("k3y")
+    assert env[proxy_auth.CALLBACK_ENV] == "lora_export.serving.proxy_auth:middlewares"
+    monkeypatch.setenv(proxy_auth.KEY_ENV, env[proxy_auth.KEY_ENV])
+    (middleware,) = proxy_auth.middlewares()
+
+    async def ok(_request):
+        return PlainTextResponse("reached")
+
+    routes = [Route(path, ok) for path in ("/-/routes", "/-/healthz", "/health")]
+    client = TestClient(Starlette(routes=routes, middleware=[middleware]))
+    for path in ("/-/routes", "/-/healthz"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k3y"}):
+            r = client.get(path, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, headers, r.text)
+        assert client.get(path, headers={"Authorization": "Bearer k3y"}).text == "reached"
+    assert client.get("/health").text == "reached"  # our app's routes: its own check

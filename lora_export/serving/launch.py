@@ -1,7 +1,8 @@
 """Start (or join) Ray, deploy the Serve application, wait, and stop everything that was started.
 
 Without `address` (and no `RAY_ADDRESS`), a local Ray instance is started (its session files in a temporary
-directory of its own, removed on exit: nothing is left under /tmp/ray) and, on Ctrl-C or SIGTERM, the
+directory of its own, removed on exit: nothing is left under /tmp/ray; with an API key, its Serve proxy asks
+for the key on Ray's own `/-/routes` and `/-/healthz` too: `proxy_auth`) and, on Ctrl-C or SIGTERM, the
 Serve application, Serve and that Ray instance are shut down. With `address`, the application is deployed
 on that cluster and on exit only the application is deleted (the cluster and its Serve instance stay up).
 """
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lora_export.errors import MissingDependencyError, UserError
+from lora_export.quiet import environ
 from lora_export.serving.config import ServeConfig
 
 STARTUP_TIMEOUT_S = 600.0
@@ -41,6 +43,7 @@ def serve(
             f"serving needs Ray Serve ({e.name or 'ray'} is not installed): pip install 'lora-export[serve]'"
         ) from None
 
+    from lora_export.serving import proxy_auth
     from lora_export.serving.app import build_application
 
     stop = stop or threading.Event()
@@ -53,13 +56,14 @@ def serve(
                 ray.init(address=config.address, log_to_driver=False, logging_level=logging.WARNING)
             else:  # "local": a new instance even when `ray start` left one running on this machine
                 session_dir = tempfile.mkdtemp(prefix="lora_ray_")  # short: Ray's socket paths must fit 107 bytes
-                ray.init(
-                    address="local",
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.WARNING,
-                    _temp_dir=session_dir,
-                )
+                with environ(proxy_auth.environment(config.api_key)):  # Ray's processes inherit it
+                    ray.init(
+                        address="local",
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        _temp_dir=session_dir,
+                    )
                 started_ray = True
             signals.install()  # ray.init sets its own SIGTERM handler (exit at once): ours stops cleanly
             logging.getLogger("ray.serve").setLevel(logging.WARNING)

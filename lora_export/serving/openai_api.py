@@ -71,6 +71,15 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"The request body is over {limit} bytes: send a smaller request (serve --max-request-bytes).")
 
 
+def key_error(header: str, api_key: str) -> ApiError | None:
+    """None when the `Authorization` header carries `Bearer api_key` (compared in constant time); else the 401."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return None
+    what = "No API key provided" if not header else "Incorrect API key provided"
+    return ApiError(401, f"{what}: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+
+
 def inside_root(path: str, root: str | None) -> str:
     """`path` (relative ones under `root`) when `root` is None or it resolves inside `root`; else a 403 that says
     the same whether or not the path exists."""
@@ -113,12 +122,9 @@ def build_http_app(
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                what = "No API key provided" if not header else "Incorrect API key provided"
-                error = ApiError(401, f"{what}: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
-                return JSONResponse(error.body(), status_code=401)
+            error = key_error(request.headers.get("authorization", ""), api_key)
+            if error is not None:
+                return JSONResponse(error.body(), status_code=error.status)
         return await call_next(request)
 
     @app.get("/health")
