@@ -55,7 +55,8 @@ class ServerProcess:
     """`python -m lora_export serve ...` in its own session; `stop()` sends SIGINT (Ctrl-C) and checks that
     the process and every process it started (Ray's) are gone."""
 
-    def __init__(self, args: list[str], log_dir: Path, *, startup_timeout: float = 240.0):
+    def __init__(self, args: list[str], log_dir: Path, *, startup_timeout: float | None = 240.0):
+        """Started and waited for (`startup_timeout` s); with None, not waited for: call `wait_ready`."""
         self.log = log_dir / "serve.log"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         env.pop("RAY_ADDRESS", None)
@@ -67,9 +68,10 @@ class ServerProcess:
             start_new_session=True,
         )
         self.descendants: list = []
-        self._wait_ready(startup_timeout)
+        if startup_timeout is not None:
+            self.wait_ready(startup_timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float) -> None:
         import psutil
 
         deadline = time.monotonic() + timeout

@@ -412,3 +412,58 @@ def test_the_replica_keeps_at_most_n_adapters_loaded_least_recently_used_out_fir
         assert engine.resident() == ["a@1", "e@1"] and engine.stats()["adapter_evictions"] == 4
     finally:
         engine.close()
+
+
+def test_a_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(tmp_path):
+    """Byte-level BPE: one token stands for at most `max_token_chars` characters (checked here on texts made of
+    the longest token, the worst case), so a text over context × that is refused at once, the tokenizer never
+    called; a shorter one is tokenized and checked as before. A tokenizer with a normalizer gets no bound."""
+    from serve_helpers import write_tokenizer
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from lora_export.runtime.generator import max_token_chars
+    from lora_export.serving.protocol import ApiError, EngineRequest
+    from lora_export.serving.replica import ServeEngine
+
+    write_tokenizer(tmp_path, 300)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    per = max_token_chars(tok)
+    longest = max(tok.get_vocab(), key=len)
+    assert per == len(longest) > 1
+    for text in [tok.convert_tokens_to_string([longest]) * 50, "the fox ✓ 日本 " * 40, "é" * 300]:
+        assert len(tok(text)["input_ids"]) * per >= len(text), text[:40]
+
+    wordpiece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.Lowercase()
+    assert max_token_chars(PreTrainedTokenizerFast(tokenizer_object=wordpiece)) is None
+
+    calls = []
+
+    class Counting:
+        backend_tokenizer, chat_template = tok.backend_tokenizer, tok.chat_template
+
+        def get_vocab(self):
+            return tok.get_vocab()
+
+        def __call__(self, text):
+            calls.append(len(text))
+            return tok(text)
+
+    model = FakeServed()
+    engine = ServeEngine(model, Counting(), batch_wait_ms=0)
+    try:
+        params = greedy(1)
+        huge = "x" * (model.context_length * per + 1)
+        with pytest.raises(ApiError) as refused:
+            engine.prepare(EngineRequest(huge, None, None, params))
+        assert refused.value.code == "context_length_exceeded" and refused.value.param == "prompt" and calls == []
+        with pytest.raises(ApiError) as chat:
+            engine.prepare(EngineRequest(None, [{"role": "user", "content": huge}], None, params))
+        assert chat.value.code == "context_length_exceeded" and chat.value.param == "messages"
+        with pytest.raises(ApiError, match="but the prompt has") as counted:
+            engine.prepare(EngineRequest("the fox " * model.context_length, None, None, params))
+        assert counted.value.code == "context_length_exceeded" and calls  # tokenized, then refused
+        assert engine.prepare(EngineRequest("the fox", None, None, params)).prompt_ids
+    finally:
+        engine.close()

@@ -31,6 +31,13 @@ from lora_export.cli.app import cli
     "--max-replicas-per-node", type=click.IntRange(1), default=None, help="At most this many replicas on one node."
 )
 @click.option(
+    "--proxy-location",
+    type=click.Choice(["EveryNode", "HeadOnly"]),
+    default=None,
+    help="Where Ray Serve runs its HTTP proxies on a cluster (default Serve's: EveryNode; HeadOnly: one entry "
+    "point, on the head node).",
+)
+@click.option(
     "--max-batch-size", type=click.IntRange(1), default=32, show_default=True, help="Rows in one running batch."
 )
 @click.option(
@@ -105,6 +112,7 @@ def serve(
     port,
     replicas,
     max_replicas_per_node,
+    proxy_location,
     max_batch_size,
     batch_wait_ms,
     address,
@@ -134,6 +142,7 @@ def serve(
         port=port,
         replicas=replicas,
         max_replicas_per_node=max_replicas_per_node,
+        proxy_location=proxy_location,
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
         address=address,

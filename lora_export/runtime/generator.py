@@ -507,3 +507,24 @@ def chat_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     return [int(i) for i in ids]
+
+
+def max_token_chars(tokenizer: Any) -> int | None:
+    """The most characters of text one token can stand for, when the tokenizer can say: a byte-level BPE
+    without a normalizer (GPT-2, Llama 3, Qwen, SmolLM2), where every token is a run of bytes spelled by its
+    vocabulary entry (one character per byte) and an added token is its own text. A text of more than
+    context × this characters cannot fit the context, whatever it holds. None for any other tokenizer (a
+    normalizer may shrink the text; an unknown-token model may fold a long span into one token)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    config = json.loads(backend.to_str())
+    pre = config.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = any(part.get("type") == "ByteLevel" for part in parts)
+    if config.get("normalizer") is not None or config["model"].get("type") != "BPE" or not byte_level:
+        return None
+    return max(len(token) for token in tokenizer.get_vocab())
+

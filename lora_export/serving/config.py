@@ -21,6 +21,7 @@ class ServeConfig:
     port: int = 8000
     replicas: int = 1
     max_replicas_per_node: int | None = None
+    proxy_location: str | None = None  # Ray Serve's: "EveryNode" (its default) or "HeadOnly"
     max_batch_size: int = 32
     batch_wait_ms: float = 10.0
     address: str | None = None  # join this Ray cluster instead of starting one

@@ -67,7 +67,8 @@ def serve(
                 started_ray = True
             signals.install()  # ray.init sets its own SIGTERM handler (exit at once): ours stops cleanly
             logging.getLogger("ray.serve").setLevel(logging.WARNING)
-            ray_serve.start(http_options={"host": config.host, "port": config.port})
+            http = {"host": config.host, "port": config.port}
+            ray_serve.start(http_options=http, proxy_location=config.proxy_location)
             deployed = True
             handle = ray_serve.run(build_application(config), name=config.app_name, route_prefix="/")
             errors = handle.check_startup_adapters.remote().result(timeout_s=STARTUP_TIMEOUT_S)

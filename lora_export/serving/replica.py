@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lora_export.errors import UserError
-from lora_export.runtime.generator import chat_ids, has_chat_template
+from lora_export.runtime.generator import chat_ids, has_chat_template, max_token_chars
 from lora_export.serving.protocol import AdapterRef, ApiError, EngineRequest, LiveTable
 from lora_export.serving.scheduler import BatchModel, Delta, Finish, Request, Scheduler
 
@@ -53,6 +53,8 @@ class ServeEngine:
         self.model = model
         self.max_cpu_adapters = max_cpu_adapters  # resident adapters kept in memory (LRU); None: all
         self.tokenizer = tokenizer
+        # a text prompt over context × this many characters is refused without being tokenized
+        self._max_token_chars = max_token_chars(tokenizer) if tokenizer is not None else None
         self.replica = replica
         detok = None
         if tokenizer is not None:
@@ -220,10 +222,12 @@ class ServeEngine:
                 raise ApiError(
                     400, "This model folder's tokenizer has no chat template: use /v1/completions.", param="messages"
                 )
+            self._refuse_text_over_context(sum(len(m["content"]) for m in req.messages), "messages")
             return chat_ids(tok, req.messages)
         if isinstance(req.prompt, str):
             if tok is None:
                 raise ApiError(400, "This model folder has no tokenizer: send the prompt as token ids.", param="prompt")
+            self._refuse_text_over_context(len(req.prompt), "prompt")
             ids = tok(req.prompt)["input_ids"]
             if not ids:
                 raise ApiError(400, "The prompt is empty.", param="prompt")
@@ -239,6 +243,19 @@ class ServeEngine:
                 param="prompt",
             )
         return ids
+
+    def _refuse_text_over_context(self, chars: int, param: str) -> None:
+        """A text that cannot fit the context whatever it holds is refused before the tokenizer spends seconds
+        on it (a 5 MB prompt: about 5 s of a core); see `max_token_chars`."""
+        per, context = self._max_token_chars, self.model.context_length
+        if per is not None and chars > context * per:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens, but the prompt's {chars} characters are "
+                f"at least {-(-chars // per)} tokens: shorten the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     async def stream(self, req: EngineRequest, live: LiveTable | None = None) -> AsyncIterator[dict[str, Any]]:
         self.sync(live)
