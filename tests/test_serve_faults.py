@@ -131,7 +131,7 @@ def test_a_killed_replica_costs_retryable_503s_and_is_replaced(serve_decoder, tm
     assert code == 130 and not alive
 
 
-def test_a_removed_node_costs_retryable_503s_and_the_survivor_serves(serve_decoder, tmp_path):
+def test_a_removed_node_costs_retryable_503s_and_the_survivor_serves(serve_decoder, tmp_path, monkeypatch):
     """Two Ray nodes on this machine (`ray.cluster_utils.Cluster`): the head holds the proxy, the ingress and
     one engine replica; a worker node holds the other. Removing the worker node (its raylet and workers
     killed) while 32 requests are in flight: its requests end with a retryable 503 within a bound, the head's
@@ -141,10 +141,12 @@ def test_a_removed_node_costs_retryable_503s_and_the_survivor_serves(serve_decod
     decoder = serve_decoder
     port = free_port()
     temp = tempfile.mkdtemp(prefix="lora_ray_")  # short: Ray's socket paths must fit 107 bytes
-    node = {"num_cpus": 1, "include_dashboard": False, "temp_dir": temp}
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args=node, shutdown_at_exit=False)
+    os.mkdir(os.path.join(temp, "ray"))
+    monkeypatch.setenv("RAY_TMPDIR", temp)  # Ray's address file too (else /tmp/ray/ray_current_cluster)
+    cluster = Cluster(shutdown_at_exit=False)
     server = None
     try:
+        cluster.add_node(num_cpus=1, include_dashboard=False, temp_dir=temp)  # the head
         head = _raylet(cluster.head_node)
         args = [str(decoder.folder), "--address", cluster.address, "--port", str(port), "--proxy-location", "HeadOnly"]
         args += ["--replicas", "2", "--max-replicas-per-node", "1", "--max-batch-size", "16", "--threads", "1"]
@@ -184,10 +186,12 @@ def test_a_removed_node_costs_retryable_503s_and_the_survivor_serves(serve_decod
         if server is not None:
             code, alive = server.stop()
         cluster.shutdown()
+        left = _processes_mentioning(temp)
+        for pid in left:  # leave nothing running, even when the test is about to fail
+            os.kill(pid, signal.SIGKILL)
         _remove_tree(temp)
     assert code == 130 and not alive
-    left = _processes_mentioning(temp)
-    assert not left, f"cluster processes left running: {left}"
+    assert not left, f"cluster processes left running after its shutdown: {left}"
 
 
 def _raylet(node) -> int:

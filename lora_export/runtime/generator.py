@@ -527,4 +527,3 @@ def max_token_chars(tokenizer: Any) -> int | None:
     if config.get("normalizer") is not None or config["model"].get("type") != "BPE" or not byte_level:
         return None
     return max(len(token) for token in tokenizer.get_vocab())
-
