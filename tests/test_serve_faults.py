@@ -1,7 +1,8 @@
-"""Faults, for real: `lora-export serve --replicas 2`, one engine replica's process killed (SIGKILL) while 32
-requests are in flight. Its requests end at once with a retryable OpenAI 503 (a stream with a 503 error event),
-none hangs; the survivor's rows finish with the offline generator's tokens; new requests are served meanwhile
-(the official client retries a 503 by itself); Serve starts a replacement replica. Times are printed (-s)."""
+"""Faults, for real: `lora-export serve --replicas 2`, one engine replica lost while 32 requests are in flight,
+its process killed (SIGKILL) or, on a two-node cluster made on this machine, its node removed. Its requests end
+at once with a retryable OpenAI 503 (a stream with a 503 error event), none hangs; the survivor's rows finish with
+the offline generator's tokens; new requests are served meanwhile (the official client retries a 503 by itself);
+a replacement replica comes up (Serve's restart; on a node that joins again). Times are printed (-s)."""
 
 from __future__ import annotations
 
