@@ -28,3 +28,14 @@ def test_adapter_named_like_the_base_model(serve_decoder, tmp_path):
     name = serve_decoder.base_name
     result = run("serve", serve_decoder.folder, "--adapter", f"{name}={serve_decoder.adapters['ad4']}", ok=False)
     assert_one_line_error(result, "base model's name")
+
+
+def test_proxy_location_is_checked_before_ray_starts(serve_decoder):
+    """From the CLI, click's choice; from Python (`api.serve(..., proxy_location=...)`), the config's one line."""
+    from lora_export.errors import UserError
+    from lora_export.serving import ServeConfig
+
+    assert_one_line_error(run("serve", serve_decoder.folder, "--proxy-location", "Nowhere", ok=False), "proxy-location")
+    with pytest.raises(UserError, match="--proxy-location must be EveryNode or HeadOnly, got 'Nowhere'"):
+        ServeConfig(str(serve_decoder.folder), proxy_location="Nowhere").check()
+    ServeConfig(str(serve_decoder.folder), proxy_location="HeadOnly").check()

@@ -7,8 +7,7 @@ GenAI builder.
 Every build is a fresh subprocess (the CLI as a user runs it, with `--no-verify`: the build alone, as the
 builder's), timed for wall and CPU seconds (the child's user + system time), one after another in one run,
 on the real pretrained weights with an all-linear r=8 PEFT adapter (B non-zero; the bank holds it and a second
-one). Ratios are ours / the builder's
-fp32 build of the same model.
+one). Ratios are ours / the builder's fp32 build of the same model.
 """
 
 from __future__ import annotations

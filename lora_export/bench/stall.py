@@ -7,9 +7,10 @@ The folder is the serving benchmark's (`bench.serve.prepare`: a bank folder, ada
 with a tokenizer (default the real SmolLM2 cut to 4 layers), served with one engine replica, `--threads 1` and a
 body limit above the big prompt. In each round, for `seconds`: phase "alone", one closed-loop client sends small
 requests (a short text prompt, `new_tokens` greedy tokens, an adapter); phase "during", the same client while a
-second one sends `big_mb` MB of text as the prompt (refused with a 400 `context_length_exceeded` once it is
-tokenized: the work is the tokenization and the context check). Phases alternate over `rounds`, so the
-machine's drift hits both; latencies are pooled per phase.
+second one sends `big_mb` MB of text as the prompt, back to back, each answered with a 400
+`context_length_exceeded` (over context × the longest token's characters it is refused untokenized; under that,
+after it is tokenized: `--big-mb 0.6` measures that case). Phases alternate over `rounds`, so the machine's drift
+hits both; latencies are pooled per phase.
 
 Goal (issue 26): p99 of the small requests during the big prompts within 200 ms of their p99 alone.
 """

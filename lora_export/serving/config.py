@@ -68,6 +68,8 @@ class ServeConfig:
                 raise UserError(f"--{name} must be at least 1, got {value}")
         if self.max_request_bytes < 1024:
             raise UserError(f"--max-request-bytes must be at least 1024, got {self.max_request_bytes}")
+        if self.proxy_location not in (None, "EveryNode", "HeadOnly"):
+            raise UserError(f"--proxy-location must be EveryNode or HeadOnly, got {self.proxy_location!r}")
         if not 0 < self.port < 65536:
             raise UserError(f"--port must be 1..65535, got {self.port}")
         for name, path in self.served_adapters().items():
